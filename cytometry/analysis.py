@@ -1,0 +1,242 @@
+"""One sample from file to counts: load → panel → compensate → transform → gate → count.
+
+:func:`analyze_file` is a pure function of the file and the options (the
+same file gives the same result on every run and worker), and never raises
+for a bad file: it returns a result with ``status: "error"`` and a one-line
+message instead, so a batch always goes on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gating import POPULATIONS, GatingParams, auto_gate
+
+from ._version import __version__
+from .counts import DEFAULT_LLOQ_EVENTS, bead_count
+from .eligibility import EligibilityRule, decide
+from .fcs import FcsError, read_fcs
+from .panel import PanelError, read_panel_file, resolve_panel
+from .preprocess import LOGICLE_DEFAULTS, compensate, logicle, read_compensation_csv
+
+#: A common acceptance rule for single-platform bead counting.
+DEFAULT_MIN_BEAD_EVENTS = 1000
+
+
+@dataclass
+class AnalysisOptions:
+    """Everything besides the file that decides a result (recorded with it).
+
+    Attributes
+    ----------
+    beads_per_test, sample_volume_ul : float or None
+        Override the manifest; without either source a sample is an error
+        (no guessed default in a clinical count).
+    compensation : str or None
+        Path of a spillover CSV to use instead of the file's matrix.
+    panel_file : str or None
+        Marker → channel overrides (see :func:`cytometry.panel.read_panel_file`).
+    device : str or None
+        ``auto``, ``cpu`` or ``gpu`` for the gating kernels.
+    lloq_events, min_bead_events : int
+    rule : EligibilityRule
+    gating : GatingParams
+    """
+
+    beads_per_test: float | None = None
+    sample_volume_ul: float | None = None
+    compensation: str | None = None
+    panel_file: str | None = None
+    device: str | None = None
+    lloq_events: int = DEFAULT_LLOQ_EVENTS
+    min_bead_events: int = DEFAULT_MIN_BEAD_EVENTS
+    rule: EligibilityRule = field(default_factory=EligibilityRule)
+    gating: GatingParams = field(default_factory=GatingParams)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+class SampleError(Exception):
+    """A problem that stops one sample (one line; the batch goes on)."""
+
+
+def is_screening(visit):
+    """Whether a manifest ``visit`` names a screening visit (unknown counts as screening)."""
+    return (not visit) or visit.strip().lower().startswith("screen")
+
+
+def prepare_events(sample, panel, spillover):
+    """Compensated, transformed events and the marker/scatter → column map.
+
+    Fluorescence channels are compensated with ``spillover`` (when given)
+    and logicle-transformed with T = ``$PnR``; scatter channels are divided
+    by their range so they lie in 0–1 whatever the instrument.
+    """
+    events = sample.events
+    if spillover is not None:
+        events = compensate(events, sample.pnn, spillover)
+    data = np.array(events, dtype=np.float64, copy=True)
+    channels = {}
+    by_top = {}
+    for marker, name in panel.markers.items():
+        index = sample.channel_index(name)
+        channels[marker] = index
+        top = sample.ranges[index]
+        if not np.isfinite(top) or top <= 1:
+            top = 262144.0
+        by_top.setdefault(top, []).append(index)
+    for top, indices in by_top.items():
+        data = logicle(data, indices, top=top)
+    for key, name in panel.scatter.items():
+        index = sample.channel_index(name)
+        channels[key] = index
+        top = sample.ranges[index]
+        if key != "Time" and np.isfinite(top) and top > 1:
+            data[:, index] = events[:, index] / top
+    return data, channels
+
+
+def _bead_constants(row, options):
+    beads = options.beads_per_test
+    volume = options.sample_volume_ul
+    if row is not None:
+        if beads is None:
+            beads = row.number("beads_per_test")
+        if volume is None:
+            volume = row.number("sample_volume_ul")
+    missing = [name for name, value in (("beads per test", beads), ("sample volume (uL)", volume))
+               if value is None]
+    if missing:
+        raise SampleError(f"no {' and no '.join(missing)}: give --beads-per-test/--sample-volume-ul "
+                          f"or the manifest columns beads_per_test/sample_volume_ul")
+    if beads <= 0 or volume <= 0:
+        raise SampleError(f"beads per test ({beads:g}) and sample volume ({volume:g} uL) must be positive")
+    return beads, volume
+
+
+def _base_result(path, row):
+    result = {"file": str(path), "sha256": None, "status": "ok", "error": None, "panel": None,
+              "subject_id": None, "visit": None, "study_day": None, "tube": None,
+              "populations": {}, "beads": None, "eligibility": None, "qc_flags": [],
+              "software_version": __version__}
+    if row is not None:
+        result["subject_id"] = row.text("subject_id") or None
+        result["visit"] = row.text("visit") or None
+        result["tube"] = row.text("tube") or None
+        day = row.text("study_day")
+        if day:
+            try:
+                number = float(day)
+                result["study_day"] = int(number) if number.is_integer() else number
+            except ValueError:
+                result["study_day"] = day
+        if row.extra:
+            result["manifest_extra"] = row.extra
+    return result
+
+
+def analyze_file(path, manifest_row=None, options=None):
+    """Analyse one FCS file into the JSON-ready result of the CLI contract.
+
+    Parameters
+    ----------
+    path : str or Path
+    manifest_row : cytometry.manifest.ManifestRow, optional
+        Subject, visit, study day, tube and bead constants.
+    options : AnalysisOptions, optional
+
+    Returns
+    -------
+    dict
+        See the README's JSON contract. ``status`` is ``"error"`` with a
+        one-line ``error`` when the file cannot be analysed.
+
+    Examples
+    --------
+    >>> r = analyze_file("sample_fcs/S01_screening_TBNK.fcs",
+    ...                  options=AnalysisOptions(beads_per_test=50000, sample_volume_ul=50))  # doctest: +SKIP
+    >>> r["populations"]["b_cells"]["cells_per_ul"], r["eligibility"]["verdict"]  # doctest: +SKIP
+    (118.2, 'eligible')
+    """
+    options = options or AnalysisOptions()
+    result = _base_result(path, manifest_row)
+    screening = is_screening(result["visit"])
+    try:
+        return _analyze(Path(path), manifest_row, options, result, screening)
+    except (FcsError, PanelError, SampleError, ValueError) as exc:
+        problem = exc.problem if isinstance(exc, FcsError) else " ".join(str(exc).split())
+        result["status"] = "error"
+        result["error"] = problem
+        if screening:
+            result["eligibility"] = decide(None, options.rule, [problem])
+        return result
+
+
+def _analyze(path, row, options, result, screening):
+    sample = read_fcs(path)
+    result["sha256"] = sample.sha256
+    overrides = read_panel_file(options.panel_file) if options.panel_file else None
+    panel = resolve_panel(sample.pnn, sample.pns, overrides, override_source=options.panel_file or "panel file")
+    result["panel"] = panel.name
+    for key in ("FSC-A", "SSC-A"):
+        if key not in panel.scatter:
+            raise SampleError(f"no {key} channel found (channels: {', '.join(sample.pnn)})")
+    beads_per_test, sample_volume_ul = _bead_constants(row, options)
+
+    flags = []
+    if options.compensation:
+        spillover = read_compensation_csv(options.compensation, sample.pnn)
+    else:
+        spillover = sample.spillover
+    if spillover is None:
+        flags.append("compensation: no spillover matrix in the file and none supplied; data not compensated")
+    data, channels = prepare_events(sample, panel, spillover)
+    gating = auto_gate(data, channels, panel.name, params=options.gating, device=options.device)
+    flags.extend(gating.qc_flags)
+
+    bead_events = gating.events("beads")
+    result["beads"] = {"events": bead_events, "doublet_events": gating.events("bead_doublets"),
+                       "beads_per_test": beads_per_test, "sample_volume_ul": sample_volume_ul}
+    count_problems = []
+    if bead_events == 0:
+        count_problems.append("beads: 0 events, no count possible")
+    elif bead_events < options.min_bead_events:
+        count_problems.append(f"beads: {bead_events} events < {options.min_bead_events} minimum")
+    for problem in count_problems:
+        if problem not in flags:
+            flags.append(problem)
+
+    counts = {}
+    if bead_events > 0:
+        for population in POPULATIONS:
+            if population in gating.masks:
+                counts[population] = bead_count(gating.events(population), bead_events, beads_per_test,
+                                                sample_volume_ul, lloq_events=options.lloq_events)
+        result["populations"] = {name: count.as_dict() for name, count in counts.items()}
+    for name, count in counts.items():
+        if count.below_lloq and name in ("b_cells", "car_t"):
+            flags.append(f"{name}: {count.events} events < LLOQ of {options.lloq_events}")
+
+    if screening and "b_cells" in gating.masks:
+        b_problems = list(count_problems)
+        b_problems += [f for f in gating.qc_flags if f.split(":")[0] in
+                       ("beads", "leukocytes", "lymphocytes", "t_cells", "b_cells")]
+        if spillover is None:
+            b_problems.append("data not compensated")
+        result["eligibility"] = decide(counts.get(options.rule.population), options.rule, b_problems)
+
+    result["qc_flags"] = flags
+    result["device"] = gating.device
+    result["compensation"] = {"source": spillover.source if spillover is not None else None,
+                              "detectors": list(spillover.detectors) if spillover is not None else []}
+    result["panel_channels"] = panel.as_dict()
+    result["gating"] = {"params": gating.params.as_dict(), "gates": [g.as_dict() for g in gating.gates],
+                        "logicle": dict(LOGICLE_DEFAULTS, t="$PnR")}
+    result["counting"] = {"method": "beads", "lloq_events": options.lloq_events,
+                          "min_bead_events": options.min_bead_events,
+                          "doublets": "singlet cells over singlet beads (coincidence removes both alike)"}
+    result["events_total"] = sample.n_events
+    return result

@@ -1,0 +1,254 @@
+"""The ``cytometry`` command.
+
+Exit codes: 0 every sample ok, 1 some sample failed (the others are still
+reported), 2 usage error. Errors are one line on stderr naming the file; a
+traceback only with ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ._version import __version__
+
+EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+def _collect_files(inputs, manifest):
+    """FCS files named on the command line (directories give their *.fcs), in a stable order."""
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".fcs")
+            if not found and manifest is None:
+                raise UsageError(f"{path}: no .fcs files in this directory")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            # Reported as that sample's error, so the rest of the batch still runs.
+            files.append(path)
+    if manifest is not None:
+        # Files the manifest lists but that were not found are reported, not silently skipped.
+        given = {p.resolve() for p in files}
+        given_dirs = {Path(i).resolve() for i in inputs if Path(i).is_dir()}
+        for listed in manifest.files():
+            if listed.resolve() not in given and listed.resolve().parent in given_dirs:
+                files.append(listed)
+    unique, seen = [], set()
+    for path in files:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _format_table(results):
+    headers = ["file", "subject", "day", "tube", "panel", "B cells/uL [95% CI]", "CAR+ T/uL [95% CI]",
+               "beads", "eligibility", "flags"]
+    rows = []
+    for r in results:
+        if r["status"] == "error":
+            verdict = r["eligibility"]["verdict"] if r.get("eligibility") else ""
+            rows.append([Path(r["file"]).name, r.get("subject_id") or "", _day(r), r.get("tube") or "",
+                         r.get("panel") or "", "ERROR", "", "", verdict, r["error"]])
+            continue
+        pops = r["populations"]
+        rows.append([
+            Path(r["file"]).name, r.get("subject_id") or "", _day(r), r.get("tube") or "", r["panel"],
+            _cell(pops.get("b_cells")), _cell(pops.get("car_t")) if r["panel"] == "car" else "",
+            str(r["beads"]["events"]) if r.get("beads") else "",
+            r["eligibility"]["verdict"] if r.get("eligibility") else "",
+            "; ".join(r["qc_flags"]),
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _day(result):
+    day = result.get("study_day")
+    return "" if day is None else str(day)
+
+
+def _cell(count):
+    if not count:
+        return ""
+    text = f"{count['cells_per_ul']:.3g} [{count['ci95'][0]:.3g}-{count['ci95'][1]:.3g}]"
+    return f"<LLOQ {text}" if count["below_lloq"] else text
+
+
+def cmd_analyze(args):
+    from .analysis import AnalysisOptions, analyze_file
+    from .manifest import ManifestError, read_manifest
+
+    manifest = None
+    if args.manifest:
+        try:
+            manifest = read_manifest(args.manifest)
+        except ManifestError as exc:
+            raise UsageError(str(exc)) from None
+    for option in ("compensation", "panel"):
+        value = getattr(args, option)
+        if value and not Path(value).is_file():
+            raise UsageError(f"{value}: --{option} file not found")
+    options = AnalysisOptions(beads_per_test=args.beads_per_test, sample_volume_ul=args.sample_volume_ul,
+                              compensation=args.compensation, panel_file=args.panel, device=args.device,
+                              lloq_events=args.lloq_events, min_bead_events=args.min_bead_events)
+    files = _collect_files(args.inputs, manifest)
+    if not files:
+        raise UsageError("no FCS files to analyse")
+    results = []
+    for path in files:
+        row = manifest.lookup(path) if manifest is not None else None
+        if args.debug:
+            from . import analysis
+
+            result = analysis._base_result(path, row)
+            result = analysis._analyze(Path(path), row, options, result, analysis.is_screening(result["visit"]))
+        else:
+            result = analyze_file(path, row, options)
+        if result["status"] == "error":
+            print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
+        results.append(result)
+    if args.json:
+        json.dump({"samples": results, "software_version": __version__}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(_format_table(results))
+        failed = sum(r["status"] == "error" for r in results)
+        print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed")
+    return EXIT_SAMPLE_FAILED if any(r["status"] == "error" for r in results) else EXIT_OK
+
+
+def inspect_file(path):
+    """What ``cytometry inspect --json`` prints for one file (raises FcsError)."""
+    from .fcs import read_fcs
+    from .panel import PanelError, match_marker, resolve_panel
+
+    sample = read_fcs(path)
+    channels = []
+    for i, (name, marker) in enumerate(zip(sample.pnn, sample.pns)):
+        channels.append({"name": name, "marker": marker or None, "range": sample.ranges[i],
+                         "bits": sample.keywords.get(f"p{i + 1}b"), "data_type": sample.datatype,
+                         "resolved_marker": match_marker(marker) if marker else None})
+    try:
+        panel = resolve_panel(sample.pnn, sample.pns)
+        panel_info = panel.as_dict()
+        panel_error = None
+    except PanelError as exc:
+        panel_info, panel_error = None, str(exc)
+    keys = ("cyt", "cytnum", "date", "btim", "etim", "fil", "src", "tube name", "op", "inst", "sys",
+            "timestep", "vol", "experiment name")
+    keywords = {k: sample.keywords[k] for k in keys if k in sample.keywords}
+    return {"file": str(path), "sha256": sample.sha256, "fcs_version": sample.fcs_version,
+            "events": sample.n_events, "datatype": sample.datatype, "channels": channels,
+            "spillover": sample.spillover is not None,
+            "spillover_keyword": sample.spillover.source if sample.spillover else None,
+            "vol_nl": sample.vol_nl, "panel": panel_info, "panel_error": panel_error, "keywords": keywords}
+
+
+def cmd_inspect(args):
+    from .fcs import FcsError
+
+    try:
+        info = inspect_file(args.file)
+    except FcsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_SAMPLE_FAILED
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(f"file        {info['file']}")
+    print(f"sha256      {info['sha256']}")
+    print(f"FCS version {info['fcs_version']}   events {info['events']}   $DATATYPE {info['datatype']}")
+    spill = info["spillover_keyword"] or "none"
+    vol = f"{info['vol_nl']:g} nL" if info["vol_nl"] is not None else "absent"
+    print(f"spillover   {spill}   $VOL {vol}")
+    print("channels:")
+    width = max(len(c["name"]) for c in info["channels"])
+    for i, c in enumerate(info["channels"], start=1):
+        resolved = f"-> {c['resolved_marker']}" if c["resolved_marker"] else ""
+        print(f"  P{i:<3} {c['name'].ljust(width)}  {(c['marker'] or '').ljust(18)} range {c['range']:<9g} "
+              f"{resolved}")
+    if info["panel"]:
+        markers = ", ".join(f"{m}={ch}" for m, ch in info["panel"]["markers"].items())
+        print(f"panel       {info['panel']['name'].upper()}: {markers}")
+    else:
+        print(f"panel       not resolved: {info['panel_error']}")
+    for key, value in info["keywords"].items():
+        print(f"  {key.upper():<16} {value}")
+    return EXIT_OK
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser():
+    parser = _Parser(prog="cytometry", description="CD19+ B-cell and CAR+ T-cell absolute counts from FCS files.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    analyze = sub.add_parser("analyze", help="gate and count FCS files (cells/uL with 95%% intervals)")
+    analyze.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="FCS files or directories of them")
+    analyze.add_argument("--manifest", help="sample sheet CSV (file, subject_id, visit, study_day, tube, "
+                                            "beads_per_test, sample_volume_ul)")
+    analyze.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    analyze.add_argument("--beads-per-test", type=float, help="beads in the tube (overrides the manifest)")
+    analyze.add_argument("--sample-volume-ul", type=float, help="uL of blood in the tube (overrides the manifest)")
+    analyze.add_argument("--compensation", metavar="MATRIX.csv", help="spillover matrix to use instead of the file's")
+    analyze.add_argument("--panel", metavar="PANEL.csv", help="marker,channel overrides for panel resolution")
+    analyze.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None,
+                         help="where the gating kernels run (default: $CYTOMETRY_DEVICE or auto)")
+    analyze.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")
+    analyze.add_argument("--min-bead-events", type=int, default=1000, help="bead events below which a tube fails QC")
+    analyze.add_argument("--debug", action="store_true", help="show tracebacks")
+    analyze.set_defaults(func=cmd_analyze)
+
+    inspect = sub.add_parser("inspect", help="show what an FCS file holds before analysing it")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--debug", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"cytometry: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cytometry: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"cytometry: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return EXIT_SAMPLE_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

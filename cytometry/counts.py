@@ -1,0 +1,149 @@
+"""Absolute counts (cells/µL) with exact 95% intervals.
+
+Single-platform bead counting::
+
+    cells/µL = (cell events / bead events) × (beads per test / sample volume µL)
+
+Both event counts are Poisson. Conditional on their sum ``n``, the cell
+events are Binomial(n, p) with ``p = λc / (λc + λb)``, so an exact interval
+for ``p`` (Clopper–Pearson) maps to an exact interval for the ratio
+``λc / λb = p / (1 − p)`` and, times the bead constant, for cells/µL.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scipy.stats import beta
+
+#: Fewer events than this and a count is "below LLOQ" (CV ≈ 1/√25 = 20%).
+DEFAULT_LLOQ_EVENTS = 25
+
+
+def clopper_pearson(successes, trials, confidence=0.95):
+    """Exact (Clopper–Pearson) interval for a binomial proportion.
+
+    Parameters
+    ----------
+    successes, trials : int
+    confidence : float
+
+    Returns
+    -------
+    (float, float)
+
+    Examples
+    --------
+    >>> lo, hi = clopper_pearson(0, 10)
+    >>> lo, round(hi, 4)
+    (0.0, 0.3085)
+    """
+    if trials < 0 or successes < 0 or successes > trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
+    if trials == 0:
+        return 0.0, 1.0
+    alpha = 1.0 - confidence
+    lower = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    upper = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return lower, upper
+
+
+def poisson_ratio_interval(numerator, denominator, confidence=0.95):
+    """Exact interval for the ratio of two Poisson rates from their counts.
+
+    Parameters
+    ----------
+    numerator, denominator : int
+        Observed counts (cells, beads). ``denominator`` must be positive.
+
+    Returns
+    -------
+    (float, float)
+        Interval for rate(numerator) / rate(denominator); the upper bound
+        is ``inf`` only if ``denominator`` is 0, which is refused.
+
+    Examples
+    --------
+    >>> lo, hi = poisson_ratio_interval(100, 1000)
+    >>> round(lo, 4), round(hi, 4)
+    (0.0811, 0.1218)
+    """
+    if denominator <= 0:
+        raise ValueError("the reference count (beads) must be positive")
+    lower_p, upper_p = clopper_pearson(numerator, numerator + denominator, confidence)
+    lower = lower_p / (1.0 - lower_p)
+    upper = upper_p / (1.0 - upper_p) if upper_p < 1.0 else float("inf")
+    return lower, upper
+
+
+@dataclass
+class Count:
+    """An absolute count of one population, always with its events and interval.
+
+    Attributes
+    ----------
+    events : int
+    cells_per_ul : float
+    ci95 : (float, float)
+    below_lloq : bool
+        Fewer than ``lloq_events`` events: report as "< LLOQ" with the value.
+    method : str
+        ``"beads"`` for single-platform bead counting.
+    """
+
+    events: int
+    cells_per_ul: float
+    ci95: tuple
+    below_lloq: bool
+    method: str = "beads"
+
+    def as_dict(self):
+        return {"events": int(self.events), "cells_per_ul": round(float(self.cells_per_ul), 4),
+                "ci95": [round(float(self.ci95[0]), 4), round(float(self.ci95[1]), 4)],
+                "below_lloq": bool(self.below_lloq), "method": self.method}
+
+    def describe(self):
+        """Short text for tables: ``12.3 [10.1–15.0]`` or ``< LLOQ (0.8 [0.2–2.0])``."""
+        text = f"{self.cells_per_ul:.3g} [{self.ci95[0]:.3g}–{self.ci95[1]:.3g}]"
+        return f"<LLOQ {text}" if self.below_lloq else text
+
+
+def bead_count(cell_events, bead_events, beads_per_test, sample_volume_ul, *,
+               lloq_events=DEFAULT_LLOQ_EVENTS, confidence=0.95):
+    """Cells/µL by single-platform bead counting, with an exact interval.
+
+    Parameters
+    ----------
+    cell_events : int
+        Events of the population.
+    bead_events : int
+        Singlet bead events (must be > 0).
+    beads_per_test : float
+        Beads in the tube (lot-specific, from the label).
+    sample_volume_ul : float
+        µL of blood in the tube.
+    lloq_events : int
+        Counts from fewer events are flagged ``below_lloq``.
+
+    Returns
+    -------
+    Count
+
+    Examples
+    --------
+    >>> c = bead_count(120, 5000, 50000, 50.0)
+    >>> c.cells_per_ul, c.below_lloq
+    (24.0, False)
+    """
+    if bead_events <= 0:
+        raise ValueError("no bead events: the count cannot be computed")
+    if beads_per_test <= 0 or sample_volume_ul <= 0:
+        raise ValueError("beads per test and sample volume must be positive")
+    scale = beads_per_test / sample_volume_ul
+    lower, upper = poisson_ratio_interval(int(cell_events), int(bead_events), confidence)
+    return Count(
+        events=int(cell_events),
+        cells_per_ul=cell_events / bead_events * scale,
+        ci95=(lower * scale, upper * scale),
+        below_lloq=cell_events < lloq_events,
+        method="beads",
+    )

@@ -1,0 +1,129 @@
+"""Compensation and display transforms.
+
+Both are done by flowutils (the field's reference implementation); this
+module chooses the matrix and the parameters and records them.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .fcs import Spillover
+
+#: Logicle parameters used for every fluorescence channel (GatingML names).
+#: ``T`` defaults to the channel's ``$PnR``; W, M, A are the usual defaults
+#: for 18-bit instruments, wide enough that compensated negatives are shown.
+LOGICLE_DEFAULTS = {"w": 0.5, "m": 4.5, "a": 0.0}
+
+
+def read_compensation_csv(path, pnn):
+    """Read a spillover matrix from a CSV file.
+
+    The first row names the detectors (``$PnN``); each following row holds
+    one detector's spillover into the others, in the same order. A leading
+    column of row names is allowed and ignored.
+
+    Parameters
+    ----------
+    path : str or Path
+    pnn : list of str
+        The file's ``$PnN`` names, to check the detectors exist.
+
+    Returns
+    -------
+    Spillover
+
+    Raises
+    ------
+    ValueError
+        With a one-line reason when the file is malformed.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as fh:
+    ...     _ = fh.write("FL1-A,FL2-A\\n1,0.2\\n0.01,1\\n")
+    >>> read_compensation_csv(fh.name, ["FL1-A", "FL2-A"]).matrix[0, 1]
+    0.2
+    >>> os.unlink(fh.name)
+    """
+    path = Path(path)
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise ValueError(f"compensation file {path} has no matrix rows")
+    header = [c.strip() for c in rows[0]]
+    if header and header[0] == "":
+        header = header[1:]
+    n = len(header)
+    values = []
+    for row in rows[1:]:
+        cells = [c.strip() for c in row]
+        if len(cells) == n + 1:  # a leading row name
+            cells = cells[1:]
+        if len(cells) != n:
+            raise ValueError(f"compensation file {path}: a row has {len(cells)} values, expected {n}")
+        try:
+            values.append([float(c) for c in cells])
+        except ValueError:
+            raise ValueError(f"compensation file {path}: a value is not a number") from None
+    if len(values) != n:
+        raise ValueError(f"compensation file {path}: {len(values)} rows for {n} detectors")
+    missing = [d for d in header if d not in pnn]
+    if missing:
+        raise ValueError(f"compensation file {path} names detector(s) {', '.join(missing)} "
+                         f"not in the FCS file (channels: {', '.join(pnn)})")
+    return Spillover(detectors=header, matrix=np.array(values), source=str(path))
+
+
+def compensate(events, pnn, spillover):
+    """Compensated copy of ``events``: raw × inverse(spillover) on the listed detectors.
+
+    Parameters
+    ----------
+    events : ndarray, shape (n_events, n_channels)
+        Raw events in the file's channel order.
+    pnn : list of str
+        ``$PnN`` of the columns of ``events``.
+    spillover : Spillover
+
+    Returns
+    -------
+    ndarray
+        Same shape; columns not in the spillover matrix are unchanged.
+
+    Examples
+    --------
+    >>> from cytometry.fcs import Spillover
+    >>> s = Spillover(["A", "B"], np.array([[1.0, 0.5], [0.0, 1.0]]), "test")
+    >>> compensate(np.array([[100.0, 50.0]]), ["A", "B"], s)
+    array([[100.,   0.]])
+    """
+    from flowutils.compensate import compensate as flowutils_compensate
+
+    indices = [pnn.index(name) for name in spillover.detectors]
+    if abs(np.linalg.det(spillover.matrix)) < 1e-12:
+        raise ValueError(f"spillover matrix from {spillover.source} is singular")
+    return flowutils_compensate(np.asarray(events, dtype=np.float64), spillover.matrix, indices)
+
+
+def logicle(events, channel_indices, top, w=LOGICLE_DEFAULTS["w"], m=LOGICLE_DEFAULTS["m"],
+            a=LOGICLE_DEFAULTS["a"]):
+    """Logicle-transform the given columns (flowutils), others returned unchanged.
+
+    The result is on flowutils' 0–1 scale: 1 is the top of the range ``top``
+    and ``w`` decades are linear around zero, so compensated negatives
+    keep their spread instead of piling up.
+
+    Examples
+    --------
+    >>> x = logicle(np.array([[0.0, 262144.0]]), [0, 1], top=262144)
+    >>> bool(0.0 < x[0, 0] < 0.2), round(float(x[0, 1]), 6)
+    (True, 1.0)
+    """
+    from flowutils.transforms import logicle as flowutils_logicle
+
+    return flowutils_logicle(np.asarray(events, dtype=np.float64), list(channel_indices),
+                             t=top, m=m, w=w, a=a)
