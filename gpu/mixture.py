@@ -150,7 +150,9 @@ def fit_gaussian_mixture(data, n_components, *, init_means=None, max_iter=100, t
     else:
         means = xp.asarray(init_means, dtype=xp.float64).copy()
     k = means.shape[0]
-    global_cov = xp.cov(data.T, aweights=w).reshape(d, d) + reg_covar * xp.eye(d)
+    # Weighted, biased covariance: defined even for a single event (then only reg_covar).
+    centred = data - (w @ data) / total_weight
+    global_cov = (centred * w[:, None]).T @ centred / total_weight + reg_covar * xp.eye(d)
     covariances = xp.stack([global_cov.copy() for _ in range(k)])
     mix = xp.full(k, 1.0 / k)
     previous = -np.inf
