@@ -619,7 +619,8 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         CD19 APC, CD8 APC-Cy7) or CAR tube (CD3 FITC, CAR PE, Viability 7-AAD,
         CD4 PE-Cy7, CD19 APC, CD8 APC-Cy7, CD45 V500-C).
     seed : int
-        Seed of ``numpy.random.default_rng``; the same arguments and seed give
+        Seeds independent ``numpy.random.default_rng`` streams (children of
+        ``SeedSequence(seed)``); the same arguments and seed give
         byte-identical files. Naming options (styles, channel shuffle, spill
         keyword, $VOL) do not change the events.
     concentrations : dict, optional
@@ -715,7 +716,8 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
     streams = dict(zip(_STREAMS, (np.random.default_rng(s)
                                   for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
     # One stream per population: changing one population's concentration
-    # leaves every other population's particles unchanged.
+    # leaves the scatter and signals drawn for every other population
+    # unchanged (acquisition order and doublet pairing still change).
     pop_rngs = dict(zip(_PARTICLE_LABELS, (np.random.default_rng(s) for s in
                                            np.random.SeedSequence([seed, 1]).spawn(len(_PARTICLE_LABELS)))))
 
@@ -804,7 +806,7 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         "$FIL": "simulated.fcs",
         "$SRC": str(source),
         "$TIMESTEP": repr(_TIMESTEP_S),
-        "$COM": "Simulated lyse-no-wash bead-counting tube (cytometry.simulate); truth in truth/",
+        "$COM": "Simulated lyse-no-wash bead-counting tube (cytometry.simulate) - truth in the truth folder",
         "TUBE NAME": str(tube_name),
         spill_keyword: _format_spill(fl_names, s_file),
     }
@@ -867,6 +869,13 @@ def _encode_fcs(events, pnn, pns, metadata) -> bytes:
     import flowio
 
     meta = dict(metadata)
+    for key, value in meta.items():
+        # FCS forbids empty values, and a value that starts or ends with the
+        # "/" delimiter cannot be told apart from an escaped delimiter
+        # (flowio then misreads every keyword after it).
+        if not isinstance(value, str) or not value or value[0] == "/" or value[-1] == "/":
+            raise ValueError(f"keyword {key}: value must be a non-empty string not starting "
+                             f"or ending with '/', got {value!r}")
     rename = {}
     # flowio writes only its list of standard keywords with a "$"; "$COMP"
     # (FCS 2.0/3.0) is not in it and would be written as "COMP". Pad its value
@@ -940,31 +949,31 @@ _MANIFEST_COLUMNS = ("file", "subject_id", "visit", "study_day", "tube",
 # patients are often leukopenic (WBC 3,000-5,000/uL), which also keeps the
 # committed files small.
 _SCREENING = (
-    ("LUP-001", dict(lymphocytes=1050, b_cells=120, nk_cells=130, cd4_fraction=0.60,
+    ("S01", dict(lymphocytes=1050, b_cells=120, nk_cells=130, cd4_fraction=0.60,
                      monocytes=320, granulocytes=2300),
      dict(marker_style="plain", detector_style="bd"),
      "clearly eligible (B ~120/uL); CAR-T series follows"),
-    ("LUP-002", dict(lymphocytes=820, b_cells=0.8, nk_cells=95, cd4_fraction=0.55,
+    ("S02", dict(lymphocytes=820, b_cells=0.8, nk_cells=95, cd4_fraction=0.55,
                      monocytes=260, granulocytes=2100),
      dict(marker_style="space", detector_style="fl", shuffle_channels=True, spill_keyword="SPILL"),
      "clearly not eligible (B ~0.8/uL, prior rituximab)"),
-    ("LUP-003", dict(lymphocytes=700, b_cells=5.5, nk_cells=80, cd4_fraction=0.58,
+    ("S03", dict(lymphocytes=700, b_cells=5.5, nk_cells=80, cd4_fraction=0.58,
                      monocytes=280, granulocytes=2400),
      dict(marker_style="dash", detector_style="attune", shuffle_channels=True, spill_keyword="$COMP"),
      "near threshold (B ~5.5/uL, ~25 events): must be called borderline"),
-    ("LUP-004", dict(lymphocytes=1150, b_cells=15, nk_cells=140, cd4_fraction=0.62,
+    ("S04", dict(lymphocytes=1150, b_cells=15, nk_cells=140, cd4_fraction=0.62,
                      monocytes=350, granulocytes=2700),
      dict(marker_style="space", detector_style="bd", shuffle_channels=True,
           gain_range=(0.75, 1.35), write_vol=False),
      "moderate (B ~15/uL); detector gains drawn, no $VOL"),
-    ("LUP-005", dict(lymphocytes=480, b_cells=40, nk_cells=60, cd4_fraction=0.50,
+    ("S05", dict(lymphocytes=480, b_cells=40, nk_cells=60, cd4_fraction=0.50,
                      monocytes=240, granulocytes=2000),
      dict(marker_style="plain", detector_style="attune"),
      "lymphopenic, B ~40/uL"),
 )
 _SCREENING_DAY = -14
 
-# LUP-001 after lymphodepletion and CAR-T infusion (day 0 = pre-infusion):
+# S01 after lymphodepletion and CAR-T infusion (day 0 = pre-infusion):
 # day, CAR+ T, B, CAR- CD4 T, CAR- CD8 T, NK, monocytes, granulocytes, dead
 # CAR+ T expand to a peak near day 10 and contract to a few /uL by day 84;
 # B cells vanish from day 4 (aplasia) and start to come back by day 84.

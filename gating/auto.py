@@ -43,14 +43,21 @@ class GatingParams:
         Peaks smaller than this fraction of the tallest are noise.
     negative_reference_sd : float
         A marker is positive above centre + this many robust SDs of its
-        negative reference population (B/NK: the T cells; 5 SD keeps false
-        positives far below one event per tube).
+        negative reference population (B/NK: the T cells), measured as
+        84th percentile − median; 5 SD keeps false positives far below one
+        event per tube.
     negative_mode_sd : float
         Same, when the reference is the negative mode of the population
-        itself (CAR, viability), measured on the mode's left half.
+        itself (CAR, viability), measured on the mode's right flank.
     singlet_sd : float
         Events whose log(FSC-A/FSC-H) exceeds the median by this many
         robust SDs are doublets.
+    bead_gap_depth : float
+        How empty (on log density) the gap between cells and beads must be
+        for the bright mode to count as beads.
+    bead_scatter_sd : float
+        Bead events must lie within this many robust SDs of the beads'
+        median log FSC-A and log SSC-A (bead–cell coincidences do not).
     seed : int
         Seed for the mixture model (results are deterministic).
     """
@@ -61,6 +68,8 @@ class GatingParams:
     negative_reference_sd: float = 5.0
     negative_mode_sd: float = 4.0
     singlet_sd: float = 4.0
+    bead_gap_depth: float = 0.8
+    bead_scatter_sd: float = 5.0
     seed: int = 0
 
     def as_dict(self):
@@ -116,15 +125,18 @@ class GatingResult:
         return int(self.masks[population].sum())
 
 
-def _density(values, params, value_range=None, log_counts=False):
+def _density(values, params, log_counts=False):
+    """Smoothed histogram of ``values`` over their 0.05–99.95 percentile range.
+
+    The range ignores the few extreme events (compensated outliers far below
+    zero) that would otherwise squeeze every population into a few bins.
+    """
     values = np.asarray(values, dtype=np.float64)
-    if value_range is None:
-        lo, hi = float(np.min(values)), float(np.max(values))
-        if hi - lo < 1e-9:
-            hi = lo + 1e-3
-        pad = 0.02 * (hi - lo)
-        value_range = (lo - pad, hi + pad)
-    counts, edges = histogram_1d(values, params.bins, value_range)
+    lo, hi = (float(v) for v in np.percentile(values, [0.05, 99.95]))
+    if hi - lo < 1e-9:
+        hi = lo + 1e-3
+    pad = 0.05 * (hi - lo)
+    counts, edges = histogram_1d(values, params.bins, (lo - pad, hi + pad))
     smoothed = to_numpy(gaussian_smooth_1d(counts, params.smooth_bins))
     if log_counts:
         smoothed = np.log1p(smoothed)
@@ -132,8 +144,15 @@ def _density(values, params, value_range=None, log_counts=False):
     return smoothed, centers
 
 
-def valley_threshold(values, params, log_counts=False):
-    """Threshold at the deepest valley between the lowest mode and the next.
+def valley_threshold(values, params, log_counts=False, between="tallest"):
+    """Threshold at the valley between two modes of ``values``.
+
+    ``between="tallest"`` cuts between the two tallest modes (a marker with
+    a negative and a positive population, e.g. CD4 in T cells);
+    ``"lowest"`` between the lowest-valued mode and the next one (a small
+    negative population below several positive ones, e.g. debris on CD45).
+    With ``log_counts`` the modes are found on log(1 + density), which lets
+    a small population stand out next to a large one.
 
     Returns ``(threshold, depth)`` or ``(None, 0.0)`` when the values are
     unimodal. ``depth`` is 1 − valley height / lower of the two peaks.
@@ -144,31 +163,81 @@ def valley_threshold(values, params, log_counts=False):
     peaks = find_peaks_1d(density, params.min_prominence)
     if len(peaks) < 2:
         return None, 0.0
-    left, right = peaks[0], peaks[1]
+    if between == "lowest":
+        left, right = peaks[0], peaks[1]
+    else:
+        left, right = sorted(sorted(peaks, key=lambda p: density[p])[-2:])
     valley = valley_between(density, left, right)
     depth = 1.0 - density[valley] / max(min(density[left], density[right]), 1e-12)
     return float(centers[valley]), float(depth)
 
 
-def negative_mode_threshold(values, params):
-    """Threshold above the dominant (negative) mode: mode + k × left-half SD.
+def _upper_spread(density, centers, mode_index):
+    """SD of the mode's right flank: where the density falls to e^(-1/2) of the mode.
 
-    The spread is measured only on the left of the mode, where a positive
-    population overlapping the negatives cannot inflate it.
+    For a Gaussian that point is one SD from the mode. Only the flank next to
+    the mode is used, so a positive population further right (as long as it
+    is not larger than the negatives at one SD) does not inflate it.
     """
+    height = density[mode_index]
+    level = height * np.exp(-0.5)
+    right = mode_index
+    while right < len(density) - 1 and density[right] > level:
+        right += 1
+    spread = centers[right] - centers[mode_index]
+    return float(max(spread, centers[1] - centers[0]))
+
+
+def positive_threshold(values, params, reference=None):
+    """Threshold above which a marker is positive, and how it was found.
+
+    Parameters
+    ----------
+    values : ndarray
+        The marker in the parent population.
+    params : GatingParams
+    reference : ndarray, optional
+        The same marker in a population known to be negative (the T cells
+        for CD19 and CD16/56, a pre-infusion tube for the CAR reagent).
+
+    Returns
+    -------
+    threshold : float
+    info : dict
+        ``method``, the negative centre and spread, and the valley when used.
+
+    Notes
+    -----
+    With a reference: its median + ``negative_reference_sd`` × its upper
+    robust SD (84th percentile − median; the upper side, because the
+    logicle scale is not symmetric). Without: the dominant (negative) mode
+    of ``values`` + ``negative_mode_sd`` × the SD of its right flank, or the
+    valley to the right of it when the values are bimodal and the valley
+    lies beyond two SDs (a real second population, not a shoulder). A
+    single mode is a legitimate "no positives" answer.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if reference is not None:
+        reference = np.asarray(reference, dtype=np.float64)
+        median, upper = (float(v) for v in np.percentile(reference, [50, 84.13]))
+        spread = max(upper - median, 1e-6)
+        return median + params.negative_reference_sd * spread, {
+            "method": "negative reference: median + k x upper SD",
+            "negative_center": round(median, 6), "negative_sd": round(spread, 6), "reference_events": int(reference.size)}
     density, centers = _density(values, params)
-    mode = float(centers[int(np.argmax(density))])
-    left = np.asarray(values)[np.asarray(values) <= mode] - mode
-    if left.size < 5:
-        return mode, mode, float("nan")
-    spread = float(np.sqrt(np.mean(left ** 2)))
-    return mode + params.negative_mode_sd * spread, mode, spread
-
-
-def negative_reference_threshold(reference_values, params):
-    """Threshold from a population known to be negative: median + k × robust SD."""
-    center, scale = robust_location_scale(np.asarray(reference_values))
-    return center + params.negative_reference_sd * scale, center, scale
+    mode_index = int(np.argmax(density))
+    mode = float(centers[mode_index])
+    spread = _upper_spread(density, centers, mode_index)
+    info = {"negative_center": round(mode, 6), "negative_sd": round(spread, 6)}
+    threshold = mode + params.negative_mode_sd * spread
+    peaks = [p for p in find_peaks_1d(density, params.min_prominence) if p > mode_index]
+    if peaks:
+        valley = valley_between(density, mode_index, peaks[0])
+        if centers[valley] > mode + 2 * spread:
+            info.update(method="valley right of the negative mode", valley=round(float(centers[valley]), 6))
+            return float(centers[valley]), info
+    info["method"] = "negative mode + k x right-flank SD"
+    return threshold, info
 
 
 def _singlet_mask(log_ratio, group, params):
@@ -180,6 +249,31 @@ def _singlet_mask(log_ratio, group, params):
     cut = center + params.singlet_sd * max(scale, 1e-3)
     mask[group] = log_ratio[group] <= cut
     return mask, cut
+
+
+def _leukocyte_starting_means(features, params):
+    """Starting means (CD45, log SSC) for lymphocytes, monocytes, granulocytes.
+
+    Taken from the modes of log SSC (lowest = lymphocytes, highest =
+    granulocytes, the tallest in between = monocytes, or the midpoint when
+    monocytes show no mode of their own), so EM starts from the right
+    populations whatever their proportions.
+    """
+    density, centers = _density(features[:, 1], params)
+    peaks = find_peaks_1d(density, params.min_prominence)
+    if len(peaks) >= 2:
+        low, high = centers[peaks[0]], centers[peaks[-1]]
+        middle = [p for p in peaks[1:-1]]
+        mid = centers[max(middle, key=lambda p: density[p])] if middle else 0.5 * (low + high)
+    else:
+        low, mid, high = np.percentile(features[:, 1], [10, 50, 90])
+    starts = []
+    width = 0.1 * (features[:, 1].max() - features[:, 1].min() + 1e-9)
+    for ssc in (low, mid, high):
+        near = np.abs(features[:, 1] - ssc) < width
+        cd45 = np.median(features[near, 0]) if near.any() else np.median(features[:, 0])
+        starts.append([cd45, ssc])
+    return np.array(starts)
 
 
 def auto_gate(data, channels, panel, *, params=None, device=None):
@@ -226,27 +320,47 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     # event separates them from cells (no cell is positive for all markers).
     bead_score = data[:, fluorescence].min(axis=1)
     density, centers = _density(bead_score, params, log_counts=True)
+    # On log density a few hundred beads stand out beside 10^5 cells. Cells
+    # (and debris) are the lowest mode; beads sit across a nearly empty gap
+    # above them. The deepest point between the lowest and the brightest mode
+    # is that gap; modes among cells are separated by shallow dips only, so a
+    # tube without beads finds no deep gap and reports none. Bead doublets,
+    # brighter still, stay in the region and go at the singlet gate.
     peaks = find_peaks_1d(density, 0.2)
-    main_peak = int(np.argmax(density))
     bead_region = np.zeros(n, dtype=bool)
     bead_threshold = None
-    if len(peaks) >= 2 and peaks[-1] > main_peak:
-        valley = valley_between(density, peaks[-2], peaks[-1])
-        bead_threshold = float(centers[valley])
-        bead_region = bead_score > bead_threshold
+    if len(peaks) >= 2:
+        valley = valley_between(density, peaks[0], peaks[-1])
+        depth = 1.0 - density[valley] / max(min(density[peaks[0]], density[peaks[-1]]), 1e-12)
+        if depth >= params.bead_gap_depth:
+            bead_threshold = float(centers[valley])
+            bead_region = bead_score > bead_threshold
     gates.append(Gate("bead_region", "all", "min(fluorescence)", "above", bead_threshold,
-                      "valley below the brightest mode of the dimmest channel"
+                      "valley between the cells' mode and the bright mode of the dimmest channel"
                       if bead_threshold is not None else "no bead mode found"))
     if bead_threshold is None:
         flags.append("beads: no bead population found")
 
     # Singlets by FSC-A/FSC-H, estimated separately for beads and for the rest.
+    # Beads have a tight, low scatter; an event bright in every channel but
+    # with a cell's scatter is a bead stuck to a cell, not a bead.
+    bright_in_all = bead_region.copy()
+    if bead_region.sum() >= 5:
+        for key in ("FSC-A", "SSC-A"):
+            if key in channels:
+                log_scatter = np.log(np.clip(data[:, channels[key]], 1e-6, None))
+                center, scale = robust_location_scale(log_scatter[bead_region])
+                bead_region &= np.abs(log_scatter - center) <= params.bead_scatter_sd * max(scale, 1e-3)
+        gates.append(Gate("bead_region", "bead_region", "log FSC-A, log SSC-A", "within", None,
+                          "median ± k·robust SD of the bright events' scatter",
+                          {"k": params.bead_scatter_sd}))
+
     if "FSC-A" in channels and "FSC-H" in channels:
         fsc_a = np.clip(data[:, channels["FSC-A"]], 1e-6, None)
         fsc_h = np.clip(data[:, channels["FSC-H"]], 1e-6, None)
         log_ratio = np.log(fsc_a) - np.log(fsc_h)
         bead_singlets, bead_cut = _singlet_mask(log_ratio, bead_region, params)
-        cell_singlets, cell_cut = _singlet_mask(log_ratio, ~bead_region, params)
+        cell_singlets, cell_cut = _singlet_mask(log_ratio, ~bright_in_all, params)
         singlets = bead_singlets | cell_singlets
         gates.append(Gate("singlets", "all", "log(FSC-A/FSC-H)", "below", cell_cut,
                           "median + k·robust SD of non-bead events", {"bead_cut": bead_cut}))
@@ -257,9 +371,10 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     masks["bead_doublets"] = bead_region & ~singlets
 
     # CD45+ leukocytes against debris.
-    cells = ~bead_region & singlets
+    # Bead–cell coincidences are neither: they count as neither cells nor beads.
+    cells = ~bright_in_all & singlets
     cd45 = data[:, channels["CD45"]]
-    threshold, depth = valley_threshold(cd45[cells], params)
+    threshold, depth = valley_threshold(cd45[cells], params, log_counts=True, between="lowest")
     method = "valley against debris"
     if threshold is None:
         center, scale = robust_location_scale(cd45[cells])
@@ -271,8 +386,8 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
 
     if "VIABILITY" in channels:
         viability = data[:, channels["VIABILITY"]]
-        live_cut, _, _ = negative_mode_threshold(viability[leukocytes], params)
-        gates.append(Gate("live", "leukocytes", "VIABILITY", "below", live_cut, "negative mode + k·left SD"))
+        live_cut, info = positive_threshold(viability[leukocytes], params)
+        gates.append(Gate("live", "leukocytes", "VIABILITY", "below", live_cut, info.pop("method"), info))
         leukocytes = leukocytes & (viability <= live_cut)
     masks["leukocytes"] = leukocytes
 
@@ -283,8 +398,7 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     mono = np.zeros(n, dtype=bool)
     gran = np.zeros(n, dtype=bool)
     if features.shape[0] >= 30:
-        order = np.argsort(features[:, 1])
-        init = np.array([features[order[int(q * (len(order) - 1))]] for q in (0.05, 0.35, 0.85)])
+        init = _leukocyte_starting_means(features, params)
         fit = fit_gaussian_mixture(xp.asarray(features), 3, init_means=xp.asarray(init), seed=params.seed)
         labels = to_numpy(fit.predict(xp.asarray(features)))
         by_ssc = np.argsort(to_numpy(fit.means)[:, 1])
@@ -316,10 +430,9 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         if t_cells.sum() < 20:
             flags.append(f"{population}: too few T cells ({int(t_cells.sum())}) as {marker}-negative reference")
             return np.zeros(n, dtype=bool)
-        cut, center, scale = negative_reference_threshold(values[t_cells], params)
-        gates.append(Gate(population, "lymphocytes CD3-", marker, "above", cut,
-                          "negative reference: T cells, median + k·robust SD",
-                          {"reference_median": round(center, 6), "reference_sd": round(scale, 6)}))
+        cut, info = positive_threshold(values[non_t], params, reference=values[t_cells])
+        info["reference"] = "T cells of the same sample"
+        gates.append(Gate(population, "lymphocytes CD3-", marker, "above", cut, info.pop("method"), info))
         return non_t & (values > cut)
 
     masks["b_cells"] = negative_reference_gate("CD19", "b_cells")
@@ -344,11 +457,9 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     if "CAR" in channels:
         car = data[:, channels["CAR"]]
         if t_cells.sum() >= 20:
-            cut, mode, spread = negative_mode_threshold(car[t_cells], params)
-            gates.append(Gate("car_t", "t_cells", "CAR", "above", cut,
-                              "negative mode of the same sample + k·left SD",
-                              {"negative_mode": round(mode, 6), "left_sd": round(spread, 6),
-                               "reference": "same sample"}))
+            cut, info = positive_threshold(car[t_cells], params)
+            info["reference"] = "negative mode of the same sample"
+            gates.append(Gate("car_t", "t_cells", "CAR", "above", cut, info.pop("method"), info))
             masks["car_t"] = t_cells & (car > cut)
         else:
             flags.append(f"car_t: too few T cells ({int(t_cells.sum())}) to set a CAR threshold")
