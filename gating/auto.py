@@ -38,7 +38,8 @@ class GatingParams:
     bins : int
         Histogram bins over each 1-D range.
     smooth_bins : float
-        Gaussian smoothing (in bins) before looking for peaks and valleys.
+        Least Gaussian smoothing (in bins) before looking for peaks and
+        valleys; wider for few events (half Silverman's bandwidth).
     min_prominence : float
         Peaks smaller than this fraction of the tallest are noise.
     negative_reference_sd : float
@@ -52,6 +53,9 @@ class GatingParams:
     singlet_sd : float
         Events whose log(FSC-A/FSC-H) exceeds the median by this many
         robust SDs are doublets.
+    min_peak_events : float
+        On log densities, a mode must reach this many events per bin
+        (after smoothing) to count as a population.
     bead_gap_depth : float
         How empty (on log density) the gap between cells and beads must be
         for the bright mode to count as beads.
@@ -66,8 +70,9 @@ class GatingParams:
     smooth_bins: float = 2.0
     min_prominence: float = 0.05
     negative_reference_sd: float = 5.0
-    negative_mode_sd: float = 4.0
+    negative_mode_sd: float = 3.5
     singlet_sd: float = 4.0
+    min_peak_events: float = 3.0
     bead_gap_depth: float = 0.8
     bead_scatter_sd: float = 5.0
     seed: int = 0
@@ -137,20 +142,42 @@ def _density(values, params, log_counts=False):
         hi = lo + 1e-3
     pad = 0.05 * (hi - lo)
     counts, edges = histogram_1d(values, params.bins, (lo - pad, hi + pad))
-    smoothed = to_numpy(gaussian_smooth_1d(counts, params.smooth_bins))
+    # Few events need wider smoothing or noise makes modes: half of
+    # Silverman's bandwidth (which over-smooths multimodal data at full size).
+    q25, q75 = np.percentile(values, [25, 75])
+    spread = min(float(np.std(values)), float(q75 - q25) / 1.34) or float(np.std(values))
+    bandwidth = 0.5 * 0.9 * spread * max(values.size, 1) ** -0.2
+    sigma_bins = max(params.smooth_bins, bandwidth / (edges[1] - edges[0]))
+    smoothed = to_numpy(gaussian_smooth_1d(counts, sigma_bins))
     if log_counts:
         smoothed = np.log1p(smoothed)
     centers = 0.5 * (edges[:-1] + edges[1:])
     return smoothed, centers
 
 
-def valley_threshold(values, params, log_counts=False, between="tallest"):
+def _real_peaks(density, params, prominence, log_counts):
+    """Peaks of a smoothed density that hold real events.
+
+    On a log density a bump made by two stray events can look as prominent
+    as a population; such bumps are dropped by requiring a smoothed height
+    of at least ``min_peak_events`` events per bin.
+    """
+    peaks = find_peaks_1d(density, prominence)
+    if not log_counts:
+        return peaks
+    linear = np.expm1(density)
+    return [p for p in peaks if linear[p] >= params.min_peak_events]
+
+
+def valley_threshold(values, params, log_counts=False, between="deepest"):
     """Threshold at the valley between two modes of ``values``.
 
-    ``between="tallest"`` cuts between the two tallest modes (a marker with
-    a negative and a positive population, e.g. CD4 in T cells);
-    ``"lowest"`` between the lowest-valued mode and the next one (a small
-    negative population below several positive ones, e.g. debris on CD45).
+    ``between="deepest"`` cuts at the deepest valley between neighbouring
+    modes (a marker with a negative and a positive population, e.g. CD4 in
+    T cells);
+    ``"lowest"`` at the deepest point between the lowest-valued mode and
+    the tallest mode above it (a small negative population below several
+    positive ones, e.g. debris on CD45).
     With ``log_counts`` the modes are found on log(1 + density), which lets
     a small population stand out next to a large one.
 
@@ -160,16 +187,26 @@ def valley_threshold(values, params, log_counts=False, between="tallest"):
     if len(values) < 10:
         return None, 0.0
     density, centers = _density(values, params, log_counts=log_counts)
-    peaks = find_peaks_1d(density, params.min_prominence)
+    peaks = _real_peaks(density, params, params.min_prominence, log_counts)
     if len(peaks) < 2:
         return None, 0.0
     if between == "lowest":
-        left, right = peaks[0], peaks[1]
-    else:
-        left, right = sorted(sorted(peaks, key=lambda p: density[p])[-2:])
-    valley = valley_between(density, left, right)
-    depth = 1.0 - density[valley] / max(min(density[left], density[right]), 1e-12)
-    return float(centers[valley]), float(depth)
+        # The deepest point between the lowest mode and the tallest mode above
+        # it, so a noisy negative population split into bumps is cut as one.
+        left = peaks[0]
+        right = max(peaks[1:], key=lambda p: density[p])
+        valley = valley_between(density, left, right)
+        depth = 1.0 - density[valley] / max(min(density[left], density[right]), 1e-12)
+        return float(centers[valley]), float(depth)
+    # The deepest valley between neighbouring modes: a noisy mode split in two
+    # has a shallow dip, two populations a deep one.
+    best = None
+    for left, right in zip(peaks[:-1], peaks[1:]):
+        valley = valley_between(density, left, right)
+        depth = 1.0 - density[valley] / max(min(density[left], density[right]), 1e-12)
+        if best is None or depth > best[1]:
+            best = (float(centers[valley]), float(depth))
+    return best
 
 
 def _upper_spread(density, centers, mode_index):
@@ -326,7 +363,7 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     # is that gap; modes among cells are separated by shallow dips only, so a
     # tube without beads finds no deep gap and reports none. Bead doublets,
     # brighter still, stay in the region and go at the singlet gate.
-    peaks = find_peaks_1d(density, 0.2)
+    peaks = _real_peaks(density, params, 0.2, log_counts=True)
     bead_region = np.zeros(n, dtype=bool)
     bead_threshold = None
     if len(peaks) >= 2:
