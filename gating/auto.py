@@ -452,14 +452,22 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
 
     # T cells: CD3 is bimodal in lymphocytes (T cells are most of them).
     cd3 = data[:, channels["CD3"]]
-    cd3_cut, depth = valley_threshold(cd3[lymph], params) if lymph.sum() >= 10 else (None, 0.0)
+    cd3_cut, depth = valley_threshold(cd3[lymph], params, log_counts=True) if lymph.sum() >= 10 else (None, 0.0)
+    cd3_info = {"method": "valley", "valley_depth": depth}
+    myeloid = mono | gran
+    if cd3_cut is None and myeloid.sum() >= 20:
+        # Too few CD3- lymphocytes to form a mode (B-cell aplasia, few NK):
+        # monocytes and granulocytes are CD3-negative and carry at least the
+        # lymphocytes' autofluorescence, so they bound the negatives from above.
+        cd3_cut, cd3_info = positive_threshold(cd3[lymph], params, reference=cd3[myeloid])
+        cd3_info["reference"] = "monocytes and granulocytes of the same sample"
     if cd3_cut is None:
-        flags.append("t_cells: CD3 not bimodal in lymphocytes; T/non-T not separated")
+        flags.append("t_cells: CD3 not bimodal in lymphocytes and no CD3-negative reference; T/non-T not separated")
         cd3_cut = float("inf")
     t_cells = lymph & (cd3 > cd3_cut)
     non_t = lymph & (cd3 <= cd3_cut)
     gates.append(Gate("t_cells", "lymphocytes", "CD3", "above", cd3_cut if np.isfinite(cd3_cut) else None,
-                      "valley", {"valley_depth": depth}))
+                      cd3_info.pop("method"), cd3_info))
     masks["t_cells"] = t_cells
 
     def negative_reference_gate(marker, population):
@@ -479,13 +487,19 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     if "CD4" in channels and "CD8" in channels and t_cells.sum() >= 10:
         cuts = {}
         for marker in ("CD4", "CD8"):
-            cut, depth = valley_threshold(data[t_cells, channels[marker]], params)
+            values = data[:, channels[marker]]
+            cut, depth = valley_threshold(values[t_cells], params, log_counts=True)
+            info = {"method": "valley", "valley_depth": depth}
+            if cut is None and gran.sum() >= 20:
+                # Few T cells: granulocytes are CD4- and CD8-, a negative reference.
+                cut, info = positive_threshold(values[t_cells], params, reference=values[gran])
+                info["reference"] = "granulocytes of the same sample"
             if cut is None:
                 flags.append(f"{marker.lower()}_t: {marker} not bimodal in T cells")
                 cut = float("inf")
             cuts[marker] = cut
             gates.append(Gate(f"t_cells:{marker}", "t_cells", marker, "above",
-                              cut if np.isfinite(cut) else None, "valley", {"valley_depth": depth}))
+                              cut if np.isfinite(cut) else None, info.pop("method"), info))
         cd4_pos = data[:, channels["CD4"]] > cuts["CD4"]
         cd8_pos = data[:, channels["CD8"]] > cuts["CD8"]
         masks["cd4_t"] = t_cells & cd4_pos & ~cd8_pos
