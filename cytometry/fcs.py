@@ -141,7 +141,7 @@ def parse_spillover(text, pnn, source="$SPILLOVER"):
     Examples
     --------
     >>> s = parse_spillover("2,FL1-A,FL2-A,1,0.2,0.01,1", ["FSC-A", "FL1-A", "FL2-A"])
-    >>> s.detectors, s.matrix[0, 1]
+    >>> s.detectors, float(s.matrix[0, 1])
     (['FL1-A', 'FL2-A'], 0.2)
     """
     parts = [p.strip() for p in text.replace("\n", ",").split(",") if p.strip() != ""]

@@ -45,7 +45,7 @@ def read_compensation_csv(path, pnn):
     >>> import tempfile, os
     >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as fh:
     ...     _ = fh.write("FL1-A,FL2-A\\n1,0.2\\n0.01,1\\n")
-    >>> read_compensation_csv(fh.name, ["FL1-A", "FL2-A"]).matrix[0, 1]
+    >>> float(read_compensation_csv(fh.name, ["FL1-A", "FL2-A"]).matrix[0, 1])
     0.2
     >>> os.unlink(fh.name)
     """
