@@ -166,8 +166,13 @@ def analyze_file(path, manifest_row=None, options=None):
     screening = is_screening(result["visit"])
     try:
         return _analyze(Path(path), manifest_row, options, result, screening)
-    except (FcsError, PanelError, SampleError, ValueError) as exc:
-        problem = exc.problem if isinstance(exc, FcsError) else " ".join(str(exc).split())
+    except Exception as exc:  # one bad file must never stop a batch
+        if isinstance(exc, FcsError):
+            problem = exc.problem
+        elif isinstance(exc, (PanelError, SampleError, ValueError, OSError)):
+            problem = " ".join(str(exc).split())
+        else:  # a bug or an input nobody foresaw: still one line, still reported
+            problem = f"unexpected {type(exc).__name__} while analysing: {' '.join(str(exc).split())}"
         result["status"] = "error"
         result["error"] = problem
         if screening:

@@ -55,7 +55,7 @@ def histogram_1d(values, bins, value_range):
 
 
 def gaussian_smooth_1d(counts, sigma_bins):
-    """Gaussian-smoothed copy of a 1-D histogram (reflecting edges).
+    """Gaussian-smoothed copy of a 1-D histogram (mirrored edges).
 
     Examples
     --------
@@ -71,7 +71,9 @@ def gaussian_smooth_1d(counts, sigma_bins):
     kernel = np.exp(-0.5 * (offsets / sigma_bins) ** 2)
     kernel = xp.asarray(kernel / kernel.sum())
     counts = xp.asarray(counts, dtype=xp.float64)
-    padded = xp.pad(counts, radius, mode="reflect") if counts.size > radius else xp.pad(counts, radius, mode="edge")
+    # Mirror at the edges (half-sample symmetric), so mass that the kernel
+    # spreads past an edge comes back: the smoothed histogram keeps its total.
+    padded = xp.pad(counts, radius, mode="symmetric")
     return xp.convolve(padded, kernel, mode="valid")
 
 

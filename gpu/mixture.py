@@ -128,8 +128,8 @@ def fit_gaussian_mixture(data, n_components, *, init_means=None, max_iter=100, t
     >>> rng = np.random.default_rng(0)
     >>> x = np.vstack([rng.normal(0, 1, (500, 2)), rng.normal(6, 1, (500, 2))])
     >>> fit = fit_gaussian_mixture(x, 2, seed=1)
-    >>> sorted(round(float(m), 0) for m in fit.means[:, 0])
-    [0.0, 6.0]
+    >>> sorted(int(round(float(m))) for m in fit.means[:, 0])
+    [0, 6]
     """
     xp = _xp(data)
     data = xp.asarray(data, dtype=xp.float64)

@@ -194,3 +194,35 @@ def test_console_script_installed():
         pytest.skip("package not installed as a console script in this environment")
     result = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "cytometry" in result.stdout
+
+
+def test_unexpected_failure_is_one_sample_error(capsys, sample_dir, monkeypatch):
+    """A bug in one sample's gating is reported for that sample; the others still come back."""
+    import gating
+    from cytometry import analysis
+
+    real = analysis.auto_gate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ZeroDivisionError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "auto_gate", flaky)
+    code, out, err = run_cli(capsys, "analyze", sample_dir / "S01_screening_TBNK.fcs",
+                             sample_dir / "S02_screening_TBNK.fcs", "--json", "--manifest",
+                             sample_dir / "manifest.csv")
+    assert code == 1
+    first, second = json.loads(out)["samples"]
+    assert first["status"] == "error" and "unexpected ZeroDivisionError" in first["error"]
+    assert second["status"] == "ok"
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    bad = tmp_path / "bad.fcs"
+    bad.write_text("not fcs")
+    with pytest.raises(Exception):
+        main(["analyze", str(bad), "--beads-per-test", "50000", "--sample-volume-ul", "50", "--debug"])
