@@ -198,7 +198,6 @@ def test_console_script_installed():
 
 def test_unexpected_failure_is_one_sample_error(capsys, sample_dir, monkeypatch):
     """A bug in one sample's gating is reported for that sample; the others still come back."""
-    import gating
     from cytometry import analysis
 
     real = analysis.auto_gate
