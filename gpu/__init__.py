@@ -17,6 +17,7 @@ from .density import find_peaks_1d, gaussian_smooth_1d, histogram_1d, robust_loc
 from .device import DeviceError, get_array_module, to_numpy
 from .grid import (bin_indices_2d, density_contour, histogram_2d, labels_to_events, segment_events_2d, smooth_2d,
                    watershed_density)
+from .kmeans import KMeansResult, assign_labels, kmeans, kmeans_plus_plus
 from .logicle import logicle, logicle_inverse, logicle_parameters
 from .mixture import GaussianMixtureResult, fit_gaussian_mixture, select_n_components
 
@@ -36,6 +37,10 @@ __all__ = [
     "labels_to_events",
     "density_contour",
     "segment_events_2d",
+    "kmeans",
+    "kmeans_plus_plus",
+    "assign_labels",
+    "KMeansResult",
     "fit_gaussian_mixture",
     "select_n_components",
     "GaussianMixtureResult",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .density import _xp
+from .kmeans import kmeans_plus_plus
 
 _LOG_2PI = float(np.log(2 * np.pi))
 
@@ -142,26 +143,6 @@ def _solve_lower(lower, rhs):
     return solve_triangular(lower, rhs, lower=True)
 
 
-def _kmeans_plus_plus(data, k, rng):
-    """k-means++ seeding: deterministic for a given ``rng``."""
-    xp = _xp(data)
-    n = data.shape[0]
-    first = int(rng.integers(n))
-    centers = [data[first]]
-    closest = ((data - centers[0]) ** 2).sum(axis=1)
-    for _ in range(1, k):
-        total = float(closest.sum())
-        if total <= 0:
-            index = int(rng.integers(n))
-        else:
-            cumulative = np.cumsum(np.asarray(closest.get() if hasattr(closest, "get") else closest))
-            index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1]))
-            index = min(index, n - 1)
-        centers.append(data[index])
-        closest = xp.minimum(closest, ((data - data[index]) ** 2).sum(axis=1))
-    return xp.stack(centers)
-
-
 def _default_chunk(n_components, n_dims):
     # Keep the (chunk × k·d) projection and (chunk × d(d+1)/2) products near 16 MB each.
     width = max(n_components * n_dims, n_dims * (n_dims + 1) // 2, 1)
@@ -226,7 +207,7 @@ def fit_gaussian_mixture(data, n_components, *, init_means=None, max_iter=100, t
         raise ValueError("weights sum to zero")
     rng = np.random.default_rng(seed)
     if init_means is None:
-        means = _kmeans_plus_plus(data, n_components, rng)
+        means = kmeans_plus_plus(data, n_components, rng, n_local_trials=1)
     else:
         means = xp.asarray(init_means, dtype=xp.float64).copy()
         if means.shape != (n_components, d):
