@@ -277,7 +277,9 @@ def _count(gated, row, options, result, screening):
     beads_per_test, sample_volume_ul = _bead_constants(row, options)
     flags = list(gated.flags)
     bead_events = gating.events("beads")
-    result["beads"] = {"events": bead_events, "doublet_events": gating.events("bead_doublets"),
+    # Bright in every channel but outside the bead scatter: bead doublets and
+    # bead–cell coincidences, counted as neither.
+    result["beads"] = {"events": bead_events, "doublet_events": gating.events("bead_bright") - bead_events,
                        "beads_per_test": beads_per_test, "sample_volume_ul": sample_volume_ul}
     count_problems = []
     if bead_events == 0:

@@ -21,12 +21,14 @@ unbiased while a count of singlet cells over all beads would be ~4–5% low.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from gpu import fit_gaussian_mixture, get_array_module, histogram_2d, to_numpy
 from gpu.density import find_peaks_1d, gaussian_smooth_1d, histogram_1d, robust_location_scale, valley_between
+
+from .geometry import Dimension, Gate, gate_contains
 
 
 @dataclass
@@ -53,6 +55,18 @@ class GatingParams:
     singlet_sd : float
         Events whose log(FSC-A/FSC-H) exceeds the median by this many
         robust SDs are doublets.
+    region_mahalanobis2 : float
+        Lymphocyte, monocyte and granulocyte regions end at this squared
+        Mahalanobis distance from their component (13.8: the 99.9% ellipse).
+    bead_max_scatter_ratio : float
+        Beads may have up to this multiple of the beads' median scatter (a
+        bead with a speck of debris) but not a cell's (≥ 2×).
+    car_reference : array or None
+        CAR-reagent values of a CAR-negative reference (the subject's
+        pre-infusion T cells, on the same transformed scale); ``None`` uses
+        the negative mode of the sample itself.
+    car_reference_source : str
+        Where ``car_reference`` came from (file name), recorded with the gate.
     mixture_bins : int
         The lymphocyte/monocyte/granulocyte mixture is fitted on a
         ``mixture_bins``² histogram of CD45 × log SSC.
@@ -77,46 +91,18 @@ class GatingParams:
     singlet_sd: float = 4.0
     min_peak_events: float = 3.0
     mixture_bins: int = 128
+    region_mahalanobis2: float = 13.8
+    bead_max_scatter_ratio: float = 1.6
+    car_reference: object = None
+    car_reference_source: str = ""
     bead_gap_depth: float = 0.8
     bead_scatter_sd: float = 5.0
     seed: int = 0
 
     def as_dict(self):
-        return asdict(self)
-
-
-@dataclass
-class Gate:
-    """One gate as applied: what it cut, where, and how the cut was found.
-
-    Attributes
-    ----------
-    population : str
-        The population it defines (or ``"<population>:<marker>"`` for a cut
-        that feeds several populations).
-    parent : str
-    channel : str
-        Marker or scatter name the cut is on.
-    kind : str
-        ``"above"``/``"below"`` a threshold, ``"mixture"`` component, ``"ratio"``.
-    threshold : float or None
-        On the transformed (logicle 0–1) scale.
-    method : str
-        How the threshold was found (``valley``, ``negative reference``…).
-    """
-
-    population: str
-    parent: str
-    channel: str
-    kind: str
-    threshold: float | None
-    method: str
-    extra: dict = field(default_factory=dict)
-
-    def as_dict(self):
         out = asdict(self)
-        if out["threshold"] is not None:
-            out["threshold"] = round(float(out["threshold"]), 6)
+        if self.car_reference is not None:
+            out["car_reference"] = f"{len(self.car_reference)} events"
         return out
 
 
@@ -281,17 +267,6 @@ def positive_threshold(values, params, reference=None):
     return threshold, info
 
 
-def _singlet_mask(log_ratio, group, params):
-    """Singlets within ``group``: log(FSC-A/FSC-H) not above median + k·SD of the group."""
-    mask = np.zeros_like(group)
-    if group.sum() < 5:
-        return mask | group, None
-    center, scale = robust_location_scale(log_ratio[group])
-    cut = center + params.singlet_sd * max(scale, 1e-3)
-    mask[group] = log_ratio[group] <= cut
-    return mask, cut
-
-
 def _leukocyte_starting_means(features, params):
     """Starting means (CD45, log SSC) for lymphocytes, monocytes, granulocytes.
 
@@ -315,6 +290,76 @@ def _leukocyte_starting_means(features, params):
         cd45 = np.median(features[near, 0]) if near.any() else np.median(features[:, 0])
         starts.append([cd45, ssc])
     return np.array(starts)
+
+
+class _GateBuilder:
+    """Adds gates in order and keeps every gate's event mask."""
+
+    def __init__(self, data, channels):
+        self.data, self.channels = data, channels
+        self.gates, self.masks = [], {}
+
+    def add(self, gate):
+        self.masks[gate.name] = gate_contains(gate, self.data, self.channels, self.masks)
+        self.gates.append(gate)
+        return self.masks[gate.name]
+
+    def values(self, channel, transform="logicle"):
+        from .geometry import axis_values
+
+        return axis_values(self.data, self.channels, Dimension(channel, transform))
+
+
+def _range_gate(name, parent, channel, *, minimum=None, maximum=None, transform="logicle", method="", extra=None):
+    return Gate(name, parent, "rectangle", [Dimension(channel, transform, minimum, maximum)], method=method,
+                extra=extra or {})
+
+
+def _region_polygons(fit, features, params, n_grid=160):
+    """Polygons of the lymphocyte, monocyte and granulocyte regions in (CD45, log SSC).
+
+    Each grid cell takes the component of highest posterior, provided the
+    cell lies within the 99.9% ellipse of that component (Mahalanobis² ≤
+    13.8 for 2 dimensions), so far outliers — debris tails, doublets — stay
+    out of every region. The largest connected piece of each region becomes
+    a polygon (its contour, simplified to half a grid cell).
+    """
+    from skimage.measure import approximate_polygon, find_contours, label
+
+    means = to_numpy(fit.means)
+    covariances = to_numpy(fit.covariances)
+    lo = np.percentile(features, 0.01, axis=0)
+    hi = np.percentile(features, 99.99, axis=0)
+    span = hi - lo
+    lo, hi = lo - 0.1 * span, hi + 0.1 * span
+    gx = np.linspace(lo[0], hi[0], n_grid)
+    gy = np.linspace(lo[1], hi[1], n_grid)
+    grid = np.column_stack([np.repeat(gx, n_grid), np.tile(gy, n_grid)])
+    log_prob = to_numpy(fit._log_prob(grid))
+    best = log_prob.argmax(axis=1)
+    maha = np.empty(grid.shape[0])
+    for j in range(means.shape[0]):
+        rows = best == j
+        diff = grid[rows] - means[j]
+        maha[rows] = np.einsum("ij,jk,ik->i", diff, np.linalg.inv(covariances[j]), diff)
+    best = np.where(maha <= params.region_mahalanobis2, best, -1).reshape(n_grid, n_grid)
+    step = np.array([gx[1] - gx[0], gy[1] - gy[0]])
+    polygons = []
+    for j in range(means.shape[0]):
+        pieces = label(best == j, connectivity=1)
+        if pieces.max() == 0:
+            polygons.append(None)
+            continue
+        # The piece holding the component's mean (else the largest).
+        cell = np.clip(np.round((means[j] - lo) / step).astype(int), 0, n_grid - 1)
+        keep = pieces[cell[0], cell[1]] or np.argmax(np.bincount(pieces.ravel())[1:]) + 1
+        padded = np.pad((pieces == keep).astype(float), 1)
+        contours = find_contours(padded, 0.5)
+        contour = max(contours, key=len)
+        contour = approximate_polygon(contour, tolerance=0.5)
+        xy = (contour - 1.0) * step + lo  # padded grid index → data coordinates
+        polygons.append([(float(x), float(y)) for x, y in xy[:-1]])
+    return polygons
 
 
 def auto_gate(data, channels, panel, *, params=None, device=None):
@@ -341,7 +386,8 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         Boolean masks (NumPy) for ``beads``, ``leukocytes``, ``lymphocytes``,
         ``monocytes``, ``granulocytes``, ``t_cells``, ``b_cells`` and, when
         the panel has their markers, ``cd4_t``, ``cd8_t``, ``nk_cells``,
-        ``car_t``.
+        ``car_t``; every mask is the evaluation of the gates in
+        ``GatingResult.gates`` (see :mod:`gating.geometry`).
 
     Examples
     --------
@@ -353,91 +399,98 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     xp, device_name = get_array_module(device)
     data = np.asarray(data, dtype=np.float64)
     n = data.shape[0]
-    gates, flags = [], []
-    masks = {}
-    fluorescence = [c for name, c in channels.items() if name not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
+    build = _GateBuilder(data, channels)
+    flags = []
+    fluorescence = [name for name in channels if name not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
 
     # Beads: bright in every fluorescence channel, so the dimmest channel of an
     # event separates them from cells (no cell is positive for all markers).
-    bead_score = data[:, fluorescence].min(axis=1)
-    density, centers = _density(bead_score, params, log_counts=True)
     # On log density a few hundred beads stand out beside 10^5 cells. Cells
     # (and debris) are the lowest mode; beads sit across a nearly empty gap
     # above them. The deepest point between the lowest and the brightest mode
     # is that gap; modes among cells are separated by shallow dips only, so a
-    # tube without beads finds no deep gap and reports none. Bead doublets,
-    # brighter still, stay in the region and go at the singlet gate.
+    # tube without beads finds no deep gap and reports none.
+    bead_score = data[:, [channels[c] for c in fluorescence]].min(axis=1)
+    density, centers = _density(bead_score, params, log_counts=True)
     peaks = _real_peaks(density, params, 0.2, log_counts=True)
-    bead_region = np.zeros(n, dtype=bool)
     bead_threshold = None
     if len(peaks) >= 2:
         valley = valley_between(density, peaks[0], peaks[-1])
         depth = 1.0 - density[valley] / max(min(density[peaks[0]], density[peaks[-1]]), 1e-12)
         if depth >= params.bead_gap_depth:
             bead_threshold = float(centers[valley])
-            bead_region = bead_score > bead_threshold
-    gates.append(Gate("bead_region", "all", "min(fluorescence)", "above", bead_threshold,
-                      "valley between the cells' mode and the bright mode of the dimmest channel"
-                      if bead_threshold is not None else "no bead mode found"))
     if bead_threshold is None:
-        flags.append("beads: no bead population found")
+        flags.append("beads: no bead population found (no bright mode in every fluorescence channel)")
+        bead_threshold = float(np.max(bead_score)) + 1.0  # a gate no event passes
+    bright = build.add(Gate("bead_bright", None, "rectangle",
+                            [Dimension(c, "logicle", bead_threshold, None) for c in fluorescence],
+                            method="above the valley between the cells' mode and the bright mode of the "
+                                   "dimmest fluorescence channel"))
 
-    # Singlets by FSC-A/FSC-H, estimated separately for beads and for the rest.
-    # Beads have a tight, low scatter; an event bright in every channel but
-    # with a cell's scatter is a bead stuck to a cell, not a bead.
-    bright_in_all = bead_region.copy()
-    if bead_region.sum() >= 5:
-        for key in ("FSC-A", "SSC-A"):
-            if key in channels:
-                log_scatter = np.log(np.clip(data[:, channels[key]], 1e-6, None))
-                center, scale = robust_location_scale(log_scatter[bead_region])
-                bead_region &= np.abs(log_scatter - center) <= params.bead_scatter_sd * max(scale, 1e-3)
-        gates.append(Gate("bead_region", "bead_region", "log FSC-A, log SSC-A", "within", None,
-                          "median ± k·robust SD of the bright events' scatter",
-                          {"k": params.bead_scatter_sd}))
+    # Singlet beads: a tight, low scatter. A bead stuck to a cell has a cell's
+    # scatter (>= 2x a bead's) and is neither a bead nor a cell; a bead with a
+    # speck of debris still counts, as a cell with one does (their pulses
+    # barely change), which keeps the cell/bead ratio unbiased in dirty tubes.
+    scatter_dims = []
+    for key in ("FSC-A", "SSC-A"):
+        if key in channels and bright.sum() >= 5:
+            values = build.values(key, "linear")[bright]
+            positive = values[values > 0]
+            center, scale = robust_location_scale(np.log(positive)) if positive.size else (0.0, 0.0)
+            spread = params.bead_scatter_sd * max(scale, 1e-3)
+            scatter_dims.append(Dimension(key, "linear", float(np.exp(center - spread)),
+                                          float(np.exp(center + max(spread, np.log(params.bead_max_scatter_ratio))))))
+    build.add(Gate("beads", "bead_bright", "rectangle", scatter_dims,
+                   method="bead scatter: median / e^(k·SD) to median × max(e^(k·SD), "
+                          f"{params.bead_max_scatter_ratio}) on FSC-A and SSC-A",
+                   extra={"k": params.bead_scatter_sd}))
 
+    # Cells: not bright in every channel; singlets by FSC-A against FSC-H.
+    build.add(Gate("not_beads", None, "not", complement_of="bead_bright",
+                   method="events not bright in every fluorescence channel"))
     if "FSC-A" in channels and "FSC-H" in channels:
-        fsc_a = np.clip(data[:, channels["FSC-A"]], 1e-6, None)
-        fsc_h = np.clip(data[:, channels["FSC-H"]], 1e-6, None)
-        log_ratio = np.log(fsc_a) - np.log(fsc_h)
-        bead_singlets, bead_cut = _singlet_mask(log_ratio, bead_region, params)
-        cell_singlets, cell_cut = _singlet_mask(log_ratio, ~bright_in_all, params)
-        singlets = bead_singlets | cell_singlets
-        gates.append(Gate("singlets", "all", "log(FSC-A/FSC-H)", "below", cell_cut,
-                          "median + k·robust SD of non-bead events", {"bead_cut": bead_cut}))
+        fsc_a = build.values("FSC-A", "linear")
+        fsc_h = build.values("FSC-H", "linear")
+        usable = build.masks["not_beads"] & (fsc_a > 0) & (fsc_h > 0)
+        log_ratio = np.log(fsc_a[usable]) - np.log(fsc_h[usable])
+        center, scale = robust_location_scale(log_ratio) if log_ratio.size else (0.0, 0.0)
+        ratio = float(np.exp(center + params.singlet_sd * max(scale, 1e-3)))
+        # FSC-A <= ratio × FSC-H as a polygon (a wedge) in the FSC-A × FSC-H plane.
+        wedge = [(-1.0, -1.0 / ratio), (4.0 * ratio, 4.0), (-1.0, 4.0)]
+        build.add(Gate("singlets", "not_beads", "polygon",
+                       [Dimension("FSC-A", "linear"), Dimension("FSC-H", "linear")], vertices=wedge,
+                       method="FSC-A / FSC-H below median + k·robust SD (log ratio) of non-bead events",
+                       extra={"max_area_to_height": ratio, "k": params.singlet_sd}))
     else:
-        singlets = np.ones(n, dtype=bool)
         flags.append("singlets: no FSC-A/FSC-H pair, doublets not excluded")
-    masks["beads"] = bead_region & singlets
-    masks["bead_doublets"] = bead_region & ~singlets
+        build.add(Gate("singlets", "not_beads", "rectangle", [], method="no FSC-H: all non-bead events"))
+    cells = build.masks["singlets"]
 
     # CD45+ leukocytes against debris.
-    # Bead–cell coincidences are neither: they count as neither cells nor beads.
-    cells = ~bright_in_all & singlets
-    cd45 = data[:, channels["CD45"]]
+    cd45 = build.values("CD45")
     threshold, depth = valley_threshold(cd45[cells], params, log_counts=True, between="lowest")
-    method = "valley against debris"
+    method = "valley against debris (log density)"
     if threshold is None:
         center, scale = robust_location_scale(cd45[cells])
         threshold = center - 4 * scale
         method = "single mode: all but its far left tail"
         flags.append("leukocytes: no debris mode on CD45; events below the CD45 mode's tail excluded")
-    leukocytes = cells & (cd45 > threshold)
-    gates.append(Gate("leukocytes", "singlets", "CD45", "above", threshold, method, {"valley_depth": depth}))
-
+    leukocytes = build.add(_range_gate("leukocytes", "singlets", "CD45", minimum=threshold, method=method,
+                                       extra={"valley_depth": depth}))
+    parent = "leukocytes"
     if "VIABILITY" in channels:
-        viability = data[:, channels["VIABILITY"]]
+        viability = build.values("VIABILITY")
         live_cut, info = positive_threshold(viability[leukocytes], params)
-        gates.append(Gate("live", "leukocytes", "VIABILITY", "below", live_cut, info.pop("method"), info))
-        leukocytes = leukocytes & (viability <= live_cut)
-    masks["leukocytes"] = leukocytes
+        leukocytes = build.add(_range_gate("live", "leukocytes", "VIABILITY", maximum=live_cut,
+                                           method=info.pop("method"), extra=info))
+        parent = "live"
 
-    # Lymphocytes / monocytes / granulocytes: a 3-component mixture on CD45 × log SSC.
-    ssc = np.log(np.clip(data[:, channels["SSC-A"]], 1e-4, None))
-    features = np.column_stack([cd45[leukocytes], ssc[leukocytes]])
-    lymph = np.zeros(n, dtype=bool)
-    mono = np.zeros(n, dtype=bool)
-    gran = np.zeros(n, dtype=bool)
+    # Lymphocytes / monocytes / granulocytes: a 3-component mixture on CD45 × log SSC,
+    # drawn as polygons so the gates can be exported and re-applied.
+    ssc_log = build.values("SSC-A", "log")
+    features = np.column_stack([cd45[leukocytes], ssc_log[leukocytes]])
+    features = features[np.isfinite(features).all(axis=1)]
+    population_gates = {"lymphocytes": None, "monocytes": None, "granulocytes": None}
     if features.shape[0] >= 30:
         init = _leukocyte_starting_means(features, params)
         # Fit on the 2-D histogram (bin centres weighted by counts): the cost no
@@ -449,23 +502,33 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         centres = np.column_stack([gx.ravel()[occupied], gy.ravel()[occupied]])
         fit = fit_gaussian_mixture(xp.asarray(centres), 3, init_means=xp.asarray(init), seed=params.seed,
                                    weights=xp.asarray(counts.ravel()[occupied]), reg_covar=1e-5)
-        labels = to_numpy(fit.predict(xp.asarray(features)))
-        by_ssc = np.argsort(to_numpy(fit.means)[:, 1])
-        leuko_index = np.flatnonzero(leukocytes)
-        lymph[leuko_index[labels == by_ssc[0]]] = True
-        mono[leuko_index[labels == by_ssc[1]]] = True
-        gran[leuko_index[labels == by_ssc[2]]] = True
-        gates.append(Gate("lymphocytes", "leukocytes", "CD45 × log SSC", "mixture", None,
-                          "3-component Gaussian mixture, lowest-SSC component",
-                          {"means": np.round(to_numpy(fit.means)[by_ssc], 4).tolist()}))
+        order = np.argsort(to_numpy(fit.means)[:, 1])  # by SSC: lymphocytes, monocytes, granulocytes
+        polygons = _region_polygons(fit, features, params)
+        means = to_numpy(fit.means)
+        for name, component in zip(population_gates, order):
+            if polygons[component] is None:
+                flags.append(f"{name}: no region found in CD45 x SSC")
+                continue
+            population_gates[name] = Gate(
+                name, parent, "polygon", [Dimension("CD45", "logicle"), Dimension("SSC-A", "log")],
+                vertices=polygons[component],
+                method="3-component Gaussian mixture on CD45 x log SSC: region of highest posterior "
+                       "within the component's 99.9% ellipse",
+                extra={"component_mean": means[component].tolist(),
+                       "component_weight": float(to_numpy(fit.weights)[component])})
     else:
         flags.append(f"lymphocytes: only {features.shape[0]} leukocyte events, cannot gate")
-    masks["lymphocytes"], masks["monocytes"], masks["granulocytes"] = lymph, mono, gran
+    for name, gate in population_gates.items():
+        if gate is None:
+            gate = Gate(name, parent, "rectangle", [Dimension("CD45", "logicle", np.inf, None)],
+                        method="not gated")
+        build.add(gate)
+    lymph, mono, gran = (build.masks[k] for k in ("lymphocytes", "monocytes", "granulocytes"))
 
     # T cells: CD3 is bimodal in lymphocytes (T cells are most of them).
-    cd3 = data[:, channels["CD3"]]
+    cd3 = build.values("CD3")
     cd3_cut, depth = valley_threshold(cd3[lymph], params, log_counts=True) if lymph.sum() >= 10 else (None, 0.0)
-    cd3_info = {"method": "valley", "valley_depth": depth}
+    cd3_info = {"method": "valley (log density)", "valley_depth": depth}
     myeloid = mono | gran
     if cd3_cut is None and myeloid.sum() >= 20:
         # Too few CD3- lymphocytes to form a mode (B-cell aplasia, few NK):
@@ -474,34 +537,36 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         cd3_cut, cd3_info = positive_threshold(cd3[lymph], params, reference=cd3[myeloid])
         cd3_info["reference"] = "monocytes and granulocytes of the same sample"
     if cd3_cut is None:
-        flags.append("t_cells: CD3 not bimodal in lymphocytes and no CD3-negative reference; T/non-T not separated")
+        flags.append("t_cells: CD3 not bimodal in lymphocytes and no CD3-negative reference; "
+                     "T/non-T not separated")
         cd3_cut = float("inf")
-    t_cells = lymph & (cd3 > cd3_cut)
-    non_t = lymph & (cd3 <= cd3_cut)
-    gates.append(Gate("t_cells", "lymphocytes", "CD3", "above", cd3_cut if np.isfinite(cd3_cut) else None,
-                      cd3_info.pop("method"), cd3_info))
-    masks["t_cells"] = t_cells
+    method = cd3_info.pop("method")
+    t_cells = build.add(_range_gate("t_cells", "lymphocytes", "CD3", minimum=cd3_cut, method=method, extra=cd3_info))
+    build.add(_range_gate("cd3_negative", "lymphocytes", "CD3", maximum=cd3_cut, method=method))
 
-    def negative_reference_gate(marker, population):
-        values = data[:, channels[marker]]
+    def reference_cut(marker, population):
+        values = build.values(marker)
         if t_cells.sum() < 20:
             flags.append(f"{population}: too few T cells ({int(t_cells.sum())}) as {marker}-negative reference")
-            return np.zeros(n, dtype=bool)
-        cut, info = positive_threshold(values[non_t], params, reference=values[t_cells])
+            return float("inf"), {"method": "no reference"}
+        cut, info = positive_threshold(values[build.masks["cd3_negative"]], params, reference=values[t_cells])
         info["reference"] = "T cells of the same sample"
-        gates.append(Gate(population, "lymphocytes CD3-", marker, "above", cut, info.pop("method"), info))
-        return non_t & (values > cut)
+        return cut, info
 
-    masks["b_cells"] = negative_reference_gate("CD19", "b_cells")
+    cd19_cut, info = reference_cut("CD19", "b_cells")
+    build.add(_range_gate("b_cells", "cd3_negative", "CD19", minimum=cd19_cut, method=info.pop("method"), extra=info))
     if "CD16+56" in channels:
-        masks["nk_cells"] = negative_reference_gate("CD16+56", "nk_cells") & ~masks["b_cells"]
+        nk_cut, info = reference_cut("CD16+56", "nk_cells")
+        build.add(Gate("nk_cells", "cd3_negative", "rectangle",
+                       [Dimension("CD16+56", "logicle", nk_cut, None), Dimension("CD19", "logicle", None, cd19_cut)],
+                       method=info.pop("method") + "; CD19-negative", extra=info))
 
     if "CD4" in channels and "CD8" in channels and t_cells.sum() >= 10:
         cuts = {}
         for marker in ("CD4", "CD8"):
-            values = data[:, channels[marker]]
+            values = build.values(marker)
             cut, depth = valley_threshold(values[t_cells], params, log_counts=True)
-            info = {"method": "valley", "valley_depth": depth}
+            info = {"method": "valley (log density)", "valley_depth": depth}
             if cut is None and gran.sum() >= 20:
                 # Few T cells: granulocytes are CD4- and CD8-, a negative reference.
                 cut, info = positive_threshold(values[t_cells], params, reference=values[gran])
@@ -509,23 +574,25 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
             if cut is None:
                 flags.append(f"{marker.lower()}_t: {marker} not bimodal in T cells")
                 cut = float("inf")
-            cuts[marker] = cut
-            gates.append(Gate(f"t_cells:{marker}", "t_cells", marker, "above",
-                              cut if np.isfinite(cut) else None, info.pop("method"), info))
-        cd4_pos = data[:, channels["CD4"]] > cuts["CD4"]
-        cd8_pos = data[:, channels["CD8"]] > cuts["CD8"]
-        masks["cd4_t"] = t_cells & cd4_pos & ~cd8_pos
-        masks["cd8_t"] = t_cells & cd8_pos & ~cd4_pos
+            cuts[marker] = (cut, info)
+        (cd4_cut, cd4_info), (cd8_cut, cd8_info) = cuts["CD4"], cuts["CD8"]
+        build.add(Gate("cd4_t", "t_cells", "rectangle",
+                       [Dimension("CD4", "logicle", cd4_cut, None), Dimension("CD8", "logicle", None, cd8_cut)],
+                       method=f"CD4+ ({cd4_info.pop('method')}), CD8-", extra={"CD4": cd4_info}))
+        build.add(Gate("cd8_t", "t_cells", "rectangle",
+                       [Dimension("CD8", "logicle", cd8_cut, None), Dimension("CD4", "logicle", None, cd4_cut)],
+                       method=f"CD8+ ({cd8_info.pop('method')}), CD4-", extra={"CD8": cd8_info}))
 
     if "CAR" in channels:
-        car = data[:, channels["CAR"]]
+        car = build.values("CAR")
         if t_cells.sum() >= 20:
-            cut, info = positive_threshold(car[t_cells], params)
-            info["reference"] = "negative mode of the same sample"
-            gates.append(Gate("car_t", "t_cells", "CAR", "above", cut, info.pop("method"), info))
-            masks["car_t"] = t_cells & (car > cut)
+            reference = params.car_reference
+            cut, info = positive_threshold(car[t_cells], params, reference=reference)
+            info["reference"] = params.car_reference_source if reference is not None else \
+                "negative mode of the same sample"
         else:
             flags.append(f"car_t: too few T cells ({int(t_cells.sum())}) to set a CAR threshold")
-            masks["car_t"] = np.zeros(n, dtype=bool)
+            cut, info = float("inf"), {"method": "no threshold"}
+        build.add(_range_gate("car_t", "t_cells", "CAR", minimum=cut, method=info.pop("method"), extra=info))
 
-    return GatingResult(masks=masks, gates=gates, qc_flags=flags, device=device_name, params=params)
+    return GatingResult(masks=build.masks, gates=build.gates, qc_flags=flags, device=device_name, params=params)
