@@ -71,8 +71,8 @@ class GatingParams:
         The lymphocyte/monocyte/granulocyte mixture is fitted on a
         ``mixture_bins``² histogram of CD45 × log SSC.
     min_peak_events : float
-        On log densities, a mode must reach this many events per bin
-        (after smoothing) to count as a population.
+        On log densities, a mode must hold about this many events to count
+        as a population.
     bead_gap_depth : float
         How empty (on log density) the gap between cells and beads must be
         for the bright mode to count as beads.
@@ -89,7 +89,7 @@ class GatingParams:
     negative_reference_sd: float = 5.0
     negative_mode_sd: float = 3.5
     singlet_sd: float = 4.0
-    min_peak_events: float = 3.0
+    min_peak_events: float = 12.0
     mixture_bins: int = 128
     region_mahalanobis2: float = 13.8
     bead_max_scatter_ratio: float = 1.6
@@ -120,7 +120,7 @@ class GatingResult:
         return int(self.masks[population].sum())
 
 
-def _density(values, params, log_counts=False):
+def _density(values, params, log_counts=False, with_sigma=False):
     """Smoothed histogram of ``values`` over their 0.05–99.95 percentile range.
 
     The range ignores the few extreme events (compensated outliers far below
@@ -142,21 +142,23 @@ def _density(values, params, log_counts=False):
     if log_counts:
         smoothed = np.log1p(smoothed)
     centers = 0.5 * (edges[:-1] + edges[1:])
-    return smoothed, centers
+    return (smoothed, centers, sigma_bins) if with_sigma else (smoothed, centers)
 
 
-def _real_peaks(density, params, prominence, log_counts):
+def _real_peaks(density, params, prominence, log_counts, sigma_bins=2.0):
     """Peaks of a smoothed density that hold real events.
 
     On a log density a bump made by two stray events can look as prominent
-    as a population; such bumps are dropped by requiring a smoothed height
-    of at least ``min_peak_events`` events per bin.
+    as a population; such bumps are dropped by requiring the peak to hold
+    about ``min_peak_events`` events (its smoothed height times the width of
+    the smoothing kernel, √(2π)·sigma bins).
     """
     peaks = find_peaks_1d(density, prominence)
     if not log_counts:
         return peaks
     linear = np.expm1(density)
-    return [p for p in peaks if linear[p] >= params.min_peak_events]
+    least_height = params.min_peak_events / (np.sqrt(2 * np.pi) * sigma_bins)
+    return [p for p in peaks if linear[p] >= least_height]
 
 
 def valley_threshold(values, params, log_counts=False, between="deepest"):
@@ -176,8 +178,8 @@ def valley_threshold(values, params, log_counts=False, between="deepest"):
     """
     if len(values) < 10:
         return None, 0.0
-    density, centers = _density(values, params, log_counts=log_counts)
-    peaks = _real_peaks(density, params, params.min_prominence, log_counts)
+    density, centers, sigma = _density(values, params, log_counts=log_counts, with_sigma=True)
+    peaks = _real_peaks(density, params, params.min_prominence, log_counts, sigma)
     if len(peaks) < 2:
         return None, 0.0
     if between == "lowest":
@@ -199,7 +201,7 @@ def valley_threshold(values, params, log_counts=False, between="deepest"):
     return best
 
 
-def _upper_spread(density, centers, mode_index):
+def _upper_spread(density, centers, mode_index, direction=1):
     """SD of the mode's right flank: where the density falls to e^(-1/2) of the mode.
 
     For a Gaussian that point is one SD from the mode. Only the flank next to
@@ -208,10 +210,10 @@ def _upper_spread(density, centers, mode_index):
     """
     height = density[mode_index]
     level = height * np.exp(-0.5)
-    right = mode_index
-    while right < len(density) - 1 and density[right] > level:
-        right += 1
-    spread = centers[right] - centers[mode_index]
+    edge = mode_index
+    while 0 < edge < len(density) - 1 and density[edge] > level:
+        edge += direction
+    spread = abs(centers[edge] - centers[mode_index])
     return float(max(spread, centers[1] - centers[0]))
 
 
@@ -411,8 +413,8 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     # is that gap; modes among cells are separated by shallow dips only, so a
     # tube without beads finds no deep gap and reports none.
     bead_score = data[:, [channels[c] for c in fluorescence]].min(axis=1)
-    density, centers = _density(bead_score, params, log_counts=True)
-    peaks = _real_peaks(density, params, 0.2, log_counts=True)
+    density, centers, sigma = _density(bead_score, params, log_counts=True, with_sigma=True)
+    peaks = _real_peaks(density, params, 0.2, True, sigma)
     bead_threshold = None
     if len(peaks) >= 2:
         valley = valley_between(density, peaks[0], peaks[-1])
@@ -466,15 +468,22 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         build.add(Gate("singlets", "not_beads", "rectangle", [], method="no FSC-H: all non-bead events"))
     cells = build.masks["singlets"]
 
-    # CD45+ leukocytes against debris.
+    # CD45+ leukocytes against debris: the deepest valley between neighbouring
+    # modes of the log density is the nearly empty gap below the dimmest
+    # leukocytes (granulocytes); valleys among leukocyte modes are shallow.
     cd45 = build.values("CD45")
-    threshold, depth = valley_threshold(cd45[cells], params, log_counts=True, between="lowest")
-    method = "valley against debris (log density)"
-    if threshold is None:
-        center, scale = robust_location_scale(cd45[cells])
-        threshold = center - 4 * scale
-        method = "single mode: all but its far left tail"
-        flags.append("leukocytes: no debris mode on CD45; events below the CD45 mode's tail excluded")
+    threshold, depth = valley_threshold(cd45[cells], params, log_counts=True)
+    method = "deepest valley of the log density (debris gap)"
+    if threshold is None or depth < params.bead_gap_depth:
+        # Too little debris to form a mode: cut below the dimmest leukocyte mode.
+        density, centers, sigma = _density(cd45[cells], params, log_counts=True, with_sigma=True)
+        peaks = _real_peaks(density, params, params.min_prominence, True, sigma) or [int(np.argmax(density))]
+        lowest = peaks[0]
+        linear = np.expm1(density)
+        spread = _upper_spread(linear, centers, lowest, direction=-1)
+        threshold = float(centers[lowest] - params.negative_reference_sd * spread)
+        method = "no debris gap: below the dimmest CD45 mode by k x its left-flank SD"
+        flags.append("leukocytes: no debris mode on CD45; cut below the dimmest leukocyte mode")
     leukocytes = build.add(_range_gate("leukocytes", "singlets", "CD45", minimum=threshold, method=method,
                                        extra={"valley_depth": depth}))
     parent = "leukocytes"
