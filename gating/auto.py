@@ -70,6 +70,9 @@ class GatingParams:
     mixture_bins : int
         The lymphocyte/monocyte/granulocyte mixture is fitted on a
         ``mixture_bins``² histogram of CD45 × log SSC.
+    min_positive_events : float
+        A mixture's positive component must hold about this many events to
+        be taken as a population (CAR+).
     min_peak_events : float
         On log densities, a mode must hold about this many events to count
         as a population.
@@ -90,6 +93,7 @@ class GatingParams:
     negative_mode_sd: float = 3.5
     singlet_sd: float = 4.0
     min_peak_events: float = 12.0
+    min_positive_events: float = 5.0
     mixture_bins: int = 128
     region_mahalanobis2: float = 13.8
     bead_max_scatter_ratio: float = 1.6
@@ -267,6 +271,81 @@ def positive_threshold(values, params, reference=None):
             return float(centers[valley]), info
     info["method"] = "negative mode + k x right-flank SD"
     return threshold, info
+
+
+def balanced_positive_threshold(values, params, reference=None):
+    """Threshold for a dim positive population that overlaps its negatives.
+
+    CAR+ cells are a continuum: any cut misses the dimmest positives and
+    takes the brightest negatives. A two-component mixture is fitted to the
+    marker (log density of the parent, histogram-weighted); when it finds a
+    real positive component, the cut is placed where the expected number of
+    negatives above it equals the expected number of positives below it, so
+    the *count* is unbiased (the cut that maximises F1 would undercount). The
+    negatives' tail comes from ``reference`` (a known-negative sample, e.g.
+    the subject's pre-infusion tube) when given, else from the fitted
+    negative component. Without a real positive component the answer is
+    :func:`positive_threshold` (zero, or a handful of events, is a
+    legitimate answer).
+
+    Returns ``(threshold, info)`` as :func:`positive_threshold` does.
+    """
+    from scipy.special import ndtr
+
+    values = np.asarray(values, dtype=np.float64)
+    fallback, info = positive_threshold(values, params, reference=reference)
+    if values.size < 50:
+        return fallback, info
+    counts, edges = histogram_1d(values, params.bins, tuple(np.percentile(values, [0.01, 99.99])))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    keep = counts > 0
+    negative_center = info["negative_center"]
+    init = np.array([[negative_center], [max(fallback, float(np.percentile(values, 99.5)))]])
+    fit = fit_gaussian_mixture(centres[keep, None], 2, init_means=init, weights=counts[keep], reg_covar=1e-6,
+                               max_iter=200)
+    means = to_numpy(fit.means)[:, 0]
+    sds = np.sqrt(to_numpy(fit.covariances)[:, 0, 0])
+    weights = to_numpy(fit.weights)
+    neg, pos = (0, 1) if means[0] <= means[1] else (1, 0)
+    n_total = values.size
+    n_pos = weights[pos] * n_total
+    separated = (means[pos] - means[neg]) > 3.0 * sds[neg] and n_pos >= params.min_positive_events
+    one_component = fit_gaussian_mixture(centres[keep, None], 1, weights=counts[keep], reg_covar=1e-6)
+    better = fit.bic() < one_component.bic() - 10.0
+    if not (separated and better):
+        info["mixture"] = "no positive component (one mode)"
+        return fallback, info
+    n_neg = n_total - n_pos
+    # The negatives' right flank decides the false positives; a symmetric fit
+    # is widened by their long left tail (compensated negatives on a logicle
+    # scale), so take the flank's own width when narrower.
+    sds[neg] = min(sds[neg], info["negative_sd"]) if reference is None else sds[neg]
+    if reference is not None:
+        reference = np.sort(np.asarray(reference, dtype=np.float64))
+
+        def negatives_above(t):
+            return n_neg * (reference.size - np.searchsorted(reference, t, side="left")) / reference.size
+    else:
+        def negatives_above(t):
+            return n_neg * (1.0 - ndtr((t - means[neg]) / sds[neg]))
+
+    def positives_below(t):
+        return n_pos * ndtr((t - means[pos]) / sds[pos])
+
+    low, high = means[neg], means[pos]
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if negatives_above(middle) > positives_below(middle):
+            low = middle
+        else:
+            high = middle
+    threshold = 0.5 * (low + high)
+    info.update(method="count-balanced cut between the negative and positive mixture components",
+                negative_center=round(float(means[neg]), 6), negative_sd=round(float(sds[neg]), 6),
+                positive_center=round(float(means[pos]), 6), positive_sd=round(float(sds[pos]), 6),
+                positive_fraction=round(float(weights[pos]), 6),
+                expected_misclassified=round(float(positives_below(threshold)), 2))
+    return float(threshold), info
 
 
 def _leukocyte_starting_means(features, params):
@@ -596,7 +675,7 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         car = build.values("CAR")
         if t_cells.sum() >= 20:
             reference = params.car_reference
-            cut, info = positive_threshold(car[t_cells], params, reference=reference)
+            cut, info = balanced_positive_threshold(car[t_cells], params, reference=reference)
             info["reference"] = params.car_reference_source if reference is not None else \
                 "negative mode of the same sample"
         else:
