@@ -84,19 +84,21 @@ def prepare_events(sample, panel, spillover):
     for marker, name in panel.markers.items():
         index = sample.channel_index(name)
         channels[marker] = index
-        top = sample.ranges[index]
-        if not np.isfinite(top) or top <= 1:
-            top = 262144.0
-        by_top.setdefault(top, []).append(index)
+        by_top.setdefault(_channel_top(sample, index), []).append(index)
     for top, indices in by_top.items():
         data = logicle(data, indices, top=top)
     for key, name in panel.scatter.items():
         index = sample.channel_index(name)
         channels[key] = index
-        top = sample.ranges[index]
-        if key != "Time" and np.isfinite(top) and top > 1:
-            data[:, index] = events[:, index] / top
+        if key != "Time":
+            data[:, index] = events[:, index] / _channel_top(sample, index)
     return data, channels
+
+
+def _channel_top(sample, index):
+    """``$PnR`` of a channel, or 262144 (18 bits) when the file gives none."""
+    top = sample.ranges[index]
+    return float(top) if np.isfinite(top) and top > 1 else 262144.0
 
 
 def _bead_constants(row, options):
@@ -207,6 +209,38 @@ class GatedSample:
     channels: dict
     gating: object
     flags: list
+
+
+def export_gating(gated, file_handle):
+    """Write a gated sample's automatic gates as GatingML 2.0 (via flowkit).
+
+    Parameters
+    ----------
+    gated : GatedSample
+    file_handle : binary file object
+
+    Returns
+    -------
+    flowkit.GatingStrategy
+        The strategy written, to re-apply with ``strategy.gate_sample(flowkit.Sample(path))``.
+
+    Examples
+    --------
+    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")  # doctest: +SKIP
+    >>> with open("S01.gatingml.xml", "wb") as fh:  # doctest: +SKIP
+    ...     export_gating(gated, fh)
+    """
+    from gating.gatingml import export_gatingml
+
+    sample, panel = gated.sample, gated.panel
+    names = dict(panel.markers)
+    names.update(panel.scatter)
+    channels = {key: {"pnn": pnn, "range": _channel_top(sample, sample.channel_index(pnn))}
+                for key, pnn in names.items()}
+    spill = None
+    if gated.spillover is not None:
+        spill = (gated.spillover.detectors, gated.spillover.matrix)
+    return export_gatingml(gated.gating, channels, file_handle, spillover=spill, logicle=LOGICLE_DEFAULTS)
 
 
 def gate_file(path, options=None):
