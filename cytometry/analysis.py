@@ -140,7 +140,7 @@ def _base_result(path, row):
     return result
 
 
-def analyze_file(path, manifest_row=None, options=None):
+def analyze_file(path, manifest_row=None, options=None, on_gated=None):
     """Analyse one FCS file into the JSON-ready result of the CLI contract.
 
     Parameters
@@ -149,6 +149,10 @@ def analyze_file(path, manifest_row=None, options=None):
     manifest_row : cytometry.manifest.ManifestRow, optional
         Subject, visit, study day, tube and bead constants.
     options : AnalysisOptions, optional
+    on_gated : callable, optional
+        Called as ``on_gated(gated, result)`` after a successful analysis,
+        with the :class:`GatedSample` (to draw figures or export gates
+        without gating twice).
 
     Returns
     -------
@@ -167,7 +171,11 @@ def analyze_file(path, manifest_row=None, options=None):
     result = _base_result(path, manifest_row)
     screening = is_screening(result["visit"])
     try:
-        return _analyze(Path(path), manifest_row, options, result, screening)
+        gated = gate_file(Path(path), options)
+        result = _count(gated, manifest_row, options, result, screening)
+        if on_gated is not None:
+            on_gated(gated, result)
+        return result
     except Exception as exc:  # one bad file must never stop a batch
         if isinstance(exc, FcsError):
             problem = exc.problem

@@ -118,7 +118,9 @@ def cmd_analyze(args):
             result = analysis._base_result(path, row)
             result = analysis._analyze(Path(path), row, options, result, analysis.is_screening(result["visit"]))
         else:
-            result = analyze_file(path, row, options)
+            writer = (lambda gated, result: _write_artifacts(gated, args, result)) \
+                if (args.plots or args.gatingml) else None
+            result = analyze_file(path, row, options, on_gated=writer)
         if result["status"] == "error":
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
         results.append(result)
@@ -130,6 +132,27 @@ def cmd_analyze(args):
         failed = sum(r["status"] == "error" for r in results)
         print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed")
     return EXIT_SAMPLE_FAILED if any(r["status"] == "error" for r in results) else EXIT_OK
+
+
+def _write_artifacts(gated, args, result):
+    """Gating figure and GatingML for one sample; a failure is a flag, not a lost result."""
+    from .analysis import export_gating
+
+    path = gated.sample.path
+    try:
+        if args.plots:
+            from .plots import save_gating_figure
+
+            result["gating_figure"] = str(save_gating_figure(gated, args.plots))
+        if args.gatingml:
+            out_dir = Path(args.gatingml)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            target = out_dir / f"{Path(path).stem}.gating.xml"
+            with open(target, "wb") as fh:
+                export_gating(gated, fh)
+            result["gatingml"] = str(target)
+    except Exception as exc:  # the counts stand; say what could not be written
+        result["qc_flags"].append(f"output: could not write figure/GatingML ({type(exc).__name__}: {exc})")
 
 
 def inspect_file(path):
@@ -218,6 +241,9 @@ def build_parser():
                          help="where the gating kernels run (default: $CYTOMETRY_DEVICE or auto)")
     analyze.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")
     analyze.add_argument("--min-bead-events", type=int, default=1000, help="bead events below which a tube fails QC")
+    analyze.add_argument("--plots", metavar="DIR", help="write a gating figure per sample (DIR/<file>.gating.png)")
+    analyze.add_argument("--gatingml", metavar="DIR",
+                         help="write each sample's automatic gates as GatingML 2.0 (DIR/<file>.gating.xml)")
     analyze.add_argument("--debug", action="store_true", help="show tracebacks")
     analyze.set_defaults(func=cmd_analyze)
 

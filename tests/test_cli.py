@@ -225,3 +225,16 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
     bad.write_text("not fcs")
     with pytest.raises(Exception):
         main(["analyze", str(bad), "--beads-per-test", "50000", "--sample-volume-ul", "50", "--debug"])
+
+
+def test_plots_and_gatingml_written_per_sample(capsys, sample_dir, tmp_path):
+    code, out, err = run_cli(capsys, "analyze", sample_dir / "S01_screening_TBNK.fcs", sample_dir / "S01_day010_CAR.fcs",
+                             "--manifest", sample_dir / "manifest.csv", "--json",
+                             "--plots", tmp_path / "plots", "--gatingml", tmp_path / "gml")
+    assert code == 0, err
+    samples = json.loads(out)["samples"]
+    for sample in samples:
+        png = tmp_path / "plots" / (sample["file"].split("/")[-1].replace(".fcs", ".gating.png"))
+        xml = tmp_path / "gml" / (sample["file"].split("/")[-1].replace(".fcs", ".gating.xml"))
+        assert sample["gating_figure"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert sample["gatingml"] == str(xml) and "Gating-ML" in xml.read_text()
