@@ -351,6 +351,20 @@ def _count(gated, row, options, result, screening):
             b_problems.append("data not compensated")
         result["eligibility"] = decide(counts.get(options.rule.population), options.rule, b_problems)
 
+    car_gate = next((g for g in gating.gates if g.name == "car_t"), None)
+    if car_gate is not None and car_gate.threshold is not None and np.isfinite(car_gate.threshold):
+        from gpu.logicle import logicle_inverse
+
+        pnn = panel.markers["CAR"]
+        top = _channel_top(sample, sample.channel_index(pnn))
+        result["car_threshold"] = {
+            "logicle": round(float(car_gate.threshold), 6),
+            "channel": pnn,
+            "channel_value": round(float(logicle_inverse(np.array([car_gate.threshold]), t=top,
+                                                         **LOGICLE_DEFAULTS)[0]), 2),
+            "source": car_gate.extra.get("reference"),
+            "method": car_gate.method,
+        }
     result["qc_flags"] = flags
     result["device"] = gating.device
     result["compensation"] = {"source": spillover.source if spillover is not None else None,
@@ -363,3 +377,75 @@ def _count(gated, row, options, result, screening):
                           "doublets": "singlet cells over singlet beads (coincidence removes both alike)"}
     result["events_total"] = sample.n_events
     return result
+
+
+class CarReferences:
+    """The subjects' pre-infusion CAR tubes, used as CAR-negative references.
+
+    A CAR tube after infusion is gated against the same subject's latest CAR
+    tube at or before study day 0 (before any CAR-T cell was given), when the
+    manifest lists one: its T cells' CAR-reagent values are the negatives'
+    distribution. Without one, the sample's own negative mode is used. The
+    reference file is recorded with the gate and in the result.
+
+    Parameters
+    ----------
+    manifest : cytometry.manifest.Manifest or None
+    options : AnalysisOptions
+    """
+
+    def __init__(self, manifest, options):
+        self.options = options
+        self.candidates = {}
+        self._values = {}
+        if manifest is None:
+            return
+        for row in manifest.rows:
+            subject, day = row.text("subject_id"), row.text("study_day")
+            try:
+                day = float(day)
+            except ValueError:
+                continue
+            if subject and day <= 0 and "car" in row.text("tube").lower():
+                best = self.candidates.get(subject)
+                if best is None or day > best[0]:
+                    self.candidates[subject] = (day, row)
+
+    def reference_for(self, row):
+        """``(values, file)`` of the reference for a manifest row, or ``(None, None)``."""
+        if row is None:
+            return None, None
+        subject = row.text("subject_id")
+        candidate = self.candidates.get(subject)
+        if candidate is None or candidate[1] is row:
+            return None, None
+        try:
+            day = float(row.text("study_day"))
+        except ValueError:
+            return None, None
+        if day <= candidate[0]:
+            return None, None
+        reference_row = candidate[1]
+        if subject not in self._values:
+            try:
+                gated = gate_file(reference_row.path, self.options)
+                values = None
+                if "CAR" in gated.channels and "t_cells" in gated.gating.masks:
+                    values = gated.data[gated.gating.masks["t_cells"], gated.channels["CAR"]]
+                    if values.size < 200:
+                        values = None  # too few T cells to describe the negatives' tail
+            except Exception:
+                values = None  # the reference tube's own error is reported when it is analysed
+            self._values[subject] = values
+        values = self._values[subject]
+        return (values, reference_row.file) if values is not None else (None, None)
+
+    def options_for(self, row):
+        """``options`` with the CAR reference for ``row`` filled in (or unchanged)."""
+        from dataclasses import replace
+
+        values, source = self.reference_for(row)
+        if values is None:
+            return self.options
+        return replace(self.options, gating=replace(self.options.gating, car_reference=values,
+                                                    car_reference_source=f"pre-infusion tube {source}"))

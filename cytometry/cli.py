@@ -109,9 +109,13 @@ def cmd_analyze(args):
     files = _collect_files(args.inputs, manifest)
     if not files:
         raise UsageError("no FCS files to analyse")
+    from .analysis import CarReferences
+
+    references = CarReferences(manifest, options)
     results = []
     for path in files:
         row = manifest.lookup(path) if manifest is not None else None
+        options = references.options_for(row)
         if args.debug:
             from . import analysis
 

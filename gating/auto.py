@@ -294,6 +294,12 @@ def balanced_positive_threshold(values, params, reference=None):
 
     values = np.asarray(values, dtype=np.float64)
     fallback, info = positive_threshold(values, params, reference=reference)
+    if reference is not None and len(reference) >= 20:
+        # A measured negative sample: above its top 1/n quantile about one
+        # reference-sized batch of negatives gives a single false positive.
+        quantile = float(np.quantile(reference, 1.0 - 1.0 / len(reference)))
+        fallback = min(fallback, max(quantile, info["negative_center"]))
+        info["method"] = "negative reference: its 1 - 1/n quantile"
     if values.size < 50:
         return fallback, info
     counts, edges = histogram_1d(values, params.bins, tuple(np.percentile(values, [0.01, 99.99])))
