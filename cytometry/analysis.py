@@ -20,6 +20,7 @@ from .eligibility import EligibilityRule, decide
 from .fcs import FcsError, read_fcs
 from .panel import PanelError, read_panel_file, resolve_panel
 from .preprocess import LOGICLE_DEFAULTS, compensate, logicle, read_compensation_csv
+from .qc import QcRules
 
 #: A common acceptance rule for single-platform bead counting.
 DEFAULT_MIN_BEAD_EVENTS = 1000
@@ -43,6 +44,8 @@ class AnalysisOptions:
     lloq_events, min_bead_events : int
     rule : EligibilityRule
     gating : GatingParams
+    qc : QcRules
+        Limits of the reviewer's checks (lymphosum, CD4+CD8, stop rule…).
     """
 
     beads_per_test: float | None = None
@@ -54,9 +57,14 @@ class AnalysisOptions:
     min_bead_events: int = DEFAULT_MIN_BEAD_EVENTS
     rule: EligibilityRule = field(default_factory=EligibilityRule)
     gating: GatingParams = field(default_factory=GatingParams)
+    qc: QcRules = field(default_factory=QcRules)
 
     def as_dict(self):
         return asdict(self)
+
+
+_B_CELL_PARENTS = ("beads", "leukocytes", "lymphocytes", "t_cells", "b_cells")
+_GATING_FAILURES = ("cannot", "not separated", "no bead population", "too few", "no region", "not bimodal")
 
 
 class SampleError(Exception):
@@ -343,10 +351,16 @@ def _count(gated, row, options, result, screening):
         if count.below_lloq and name in ("b_cells", "car_t"):
             flags.append(f"{name}: {count.events} events < LLOQ of {options.lloq_events}")
 
+    from .qc import review
+
+    reviewer_flags = review(gated, options.qc)
+    flags.extend(text for text, _ in reviewer_flags)
     if screening and "b_cells" in gating.masks:
         b_problems = list(count_problems)
-        b_problems += [f for f in gating.qc_flags if f.split(":")[0] in
-                       ("beads", "leukocytes", "lymphocytes", "t_cells", "b_cells")]
+        # Gating failures upstream of the B cells (informational flags do not fail).
+        b_problems += [f for f in gating.qc_flags if f.split(":")[0] in _B_CELL_PARENTS
+                       and any(word in f for word in _GATING_FAILURES)]
+        b_problems += [text for text, fails in reviewer_flags if fails]
         if spillover is None:
             b_problems.append("data not compensated")
         result["eligibility"] = decide(counts.get(options.rule.population), options.rule, b_problems)
@@ -375,6 +389,7 @@ def _count(gated, row, options, result, screening):
     result["counting"] = {"method": "beads", "lloq_events": options.lloq_events,
                           "min_bead_events": options.min_bead_events,
                           "doublets": "singlet cells over singlet beads (coincidence removes both alike)"}
+    result["qc_rules"] = asdict(options.qc)
     result["events_total"] = sample.n_events
     return result
 

@@ -1,0 +1,49 @@
+"""Reviewer checks: lymphosum, stop rule, saturation, interrupted flow."""
+import json
+
+import numpy as np
+
+from cytometry.analysis import AnalysisOptions, analyze_file, gate_file
+from cytometry.qc import QcRules, review
+from cytometry.simulate import simulate_tube, write_tube
+
+OPTIONS = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
+
+
+def test_clean_tube_has_no_failing_flag(sample_dir):
+    flags = review(gate_file(sample_dir / "S01_screening_TBNK.fcs"))
+    assert not [text for text, fails in flags if fails]
+
+
+def test_lymphosum_outside_tolerance_fails(sample_dir):
+    gated = gate_file(sample_dir / "S01_screening_TBNK.fcs")
+    gated.gating.masks["nk_cells"] = np.zeros_like(gated.gating.masks["nk_cells"])
+    gated.gating.masks["b_cells"] = np.zeros_like(gated.gating.masks["b_cells"])
+    flags = dict(review(gated))
+    lymphosum = [text for text in flags if text.startswith("lymphosum")]
+    assert lymphosum and flags[lymphosum[0]] is True
+    assert "outside 100 ± 10%" in lymphosum[0]
+
+
+def test_stop_rule_is_a_flag_not_a_failure(sample_dir):
+    flags = dict(review(gate_file(sample_dir / "S01_day010_CAR.fcs")))
+    stop = [text for text in flags if "acquisition stop rule" in text]
+    assert stop and flags[stop[0]] is False
+
+
+def test_saturation_and_clog_are_flagged(tmp_path):
+    tube = simulate_tube("tbnk", seed=21, blood_volume_ul=3.0)
+    fsc = tube.pnn.index("FSC-A")
+    time = tube.pnn.index("Time")
+    tube.events[::20, fsc] = 262143.0  # 5% saturated
+    # A clog: nothing acquired for the middle third of the run.
+    t = tube.events[:, time]
+    later = t > np.median(t)
+    tube.events[later, time] = t[later] + 0.5 * np.ptp(t)
+    path = write_tube(tube, tmp_path / "clogged.fcs")
+    result = analyze_file(path, options=OPTIONS)
+    assert result["status"] == "ok"
+    assert any(f.startswith("acquisition:") and "top of scale" in f for f in result["qc_flags"])
+    assert any(f.startswith("flow:") and "clog" in f for f in result["qc_flags"])
+    assert result["qc_rules"]["min_lymphocyte_events"] == QcRules().min_lymphocyte_events
+    json.dumps(result)  # the whole result stays JSON-serialisable
