@@ -55,6 +55,10 @@ def main(argv=None):
     for truth in ("eligible", "not_eligible"):
         print(f"{truth:14s}" + "".join(f"{confusion.get((truth, v), 0):15d}" for v in verdicts))
 
+    print(f"indeterminate verdicts with the truth within one interval width of 5 cells/uL: "
+          f"{confusion.get(('indeterminate', 'near threshold'), 0)}, farther: "
+          f"{confusion.get(('indeterminate', 'far from threshold'), 0)}")
+
     print("\nBy condition: tubes, B-cell intervals holding the truth, CAR+ intervals holding the truth, errors")
     conditions = {}
     for r in records:

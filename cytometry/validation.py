@@ -135,6 +135,7 @@ class TubeRecord:
     populations: dict = field(default_factory=dict)   # name → dict of truth/measured/F1/inside
     eligibility_truth: bool | None = None
     verdict: str | None = None
+    near_threshold: bool | None = None
 
 
 def evaluate_tube(path, condition, truth, options=None):
@@ -172,6 +173,9 @@ def evaluate_tube(path, condition, truth, options=None):
     if truth["panel"] == "tbnk" and result.get("eligibility"):
         record.eligibility_truth = concentrations["b_cells"] > ELIGIBILITY_THRESHOLD
         record.verdict = result["eligibility"]["verdict"]
+        low, high = result["populations"]["b_cells"]["ci95"]
+        # "Near the threshold": the truth lies within one interval width of it.
+        record.near_threshold = abs(concentrations["b_cells"] - ELIGIBILITY_THRESHOLD) <= (high - low)
     return record
 
 
@@ -185,7 +189,8 @@ def summarize(records, min_events_for_f1=50):
         (fraction of intervals holding the truth), ``median_f1`` and
         ``min_f1`` over tubes with at least ``min_events_for_f1`` true events.
     confusion : dict
-        ``(truth, verdict)`` → count, truth in {"eligible", "not_eligible"}.
+        ``(truth, verdict)`` → count, truth in {"eligible", "not_eligible"};
+        also ``("indeterminate", "near threshold" | "far from threshold")``.
     """
     populations = {}
     for name in POPULATION_LABELS:
@@ -210,4 +215,7 @@ def summarize(records, min_events_for_f1=50):
             continue
         key = ("eligible" if r.eligibility_truth else "not_eligible", r.verdict)
         confusion[key] = confusion.get(key, 0) + 1
+        if r.verdict == "indeterminate":
+            key = ("indeterminate", "near threshold" if r.near_threshold else "far from threshold")
+            confusion[key] = confusion.get(key, 0) + 1
     return populations, confusion
