@@ -1,0 +1,98 @@
+"""Time per tube of the whole per-sample pipeline, stage by stage.
+
+Simulates tubes of about 100,000 events (TBNK and CAR) and prints the median
+time of each stage: load (flowkit), compensate, transform (logicle), gate,
+count, and in the same run flowkit's own load + compensate + logicle as the
+peer for the preprocessing. Target (issue 4): gating <= 0.5 s per
+100,000-event tube on a 2-core machine.
+
+    python benchmarks/bench_gating.py [--events 100000] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cytometry.analysis import AnalysisOptions, analyze_gated, prepare_events  # noqa: E402
+from cytometry.fcs import read_fcs  # noqa: E402
+from cytometry.panel import resolve_panel  # noqa: E402
+from cytometry.preprocess import compensate  # noqa: E402
+from cytometry.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
+from gating import auto_gate  # noqa: E402
+
+
+def stage_times(path, options):
+    times = {}
+    start = time.perf_counter()
+    sample = read_fcs(path)
+    times["load (flowkit)"] = time.perf_counter() - start
+    panel = resolve_panel(sample.pnn, sample.pns)
+    start = time.perf_counter()
+    compensate(sample.events, sample.pnn, sample.spillover)
+    times["compensate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    data, channels = prepare_events(sample, panel, sample.spillover)
+    times["compensate + transform"] = time.perf_counter() - start
+    start = time.perf_counter()
+    gating = auto_gate(data, channels, panel.name, params=options.gating)
+    times["gate"] = time.perf_counter() - start
+
+    class Gated:  # what analyze_gated needs
+        pass
+
+    gated = Gated()
+    gated.sample, gated.panel, gated.spillover, gated.data, gated.channels = sample, panel, sample.spillover, data, channels
+    gated.gating, gated.flags = gating, []
+    start = time.perf_counter()
+    analyze_gated(gated, None, options)
+    times["count + QC"] = time.perf_counter() - start
+    return times, sample.n_events
+
+
+def flowkit_peer(path):
+    import flowkit as fk
+
+    start = time.perf_counter()
+    sample = fk.Sample(str(path), subsample=0)
+    sample.apply_compensation(sample.metadata["spillover"])
+    fluorescence = [label for label in sample.pnn_labels if label not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
+    transform = fk.transforms.LogicleTransform(param_t=262144, param_w=0.5, param_m=4.5, param_a=0)
+    sample.apply_transform({label: transform for label in fluorescence})
+    sample.get_events(source="xform")
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
+    with tempfile.TemporaryDirectory() as scratch:
+        for panel in ("tbnk", "car"):
+            concentrations = default_concentrations(panel, car_t=60.0) if panel == "car" else \
+                default_concentrations("tbnk", b_cells=60.0)
+            per_ul = sum(v for k, v in concentrations.items() if k in ("granulocytes", "monocytes", "lymphocytes",
+                                                                        "dead_cells")) + 1000 * 1.07
+            tube = simulate_tube(panel, seed=5, concentrations=concentrations, blood_volume_ul=args.events / per_ul)
+            path = write_tube(tube, Path(scratch) / f"{panel}.fcs")
+            runs = [stage_times(path, options) for _ in range(args.repeats)]
+            n_events = runs[0][1]
+            stages = {name: statistics.median(run[0][name] for run in runs) for name in runs[0][0]}
+            peer = statistics.median(flowkit_peer(path) for _ in range(args.repeats))
+            total = stages["load (flowkit)"] + stages["compensate + transform"] + stages["gate"] + stages["count + QC"]
+            print(f"\n{panel.upper()} tube, {n_events:,} events, medians of {args.repeats} runs")
+            for name, seconds in stages.items():
+                print(f"  {name:28s} {seconds * 1000:8.1f} ms")
+            print(f"  {'total per tube':28s} {total * 1000:8.1f} ms")
+            print(f"  {'peer: flowkit load+comp+logicle':28s} {peer * 1000:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
