@@ -109,6 +109,39 @@ def _channel_top(sample, index):
     return float(top) if np.isfinite(top) and top > 1 else 262144.0
 
 
+def _gate_overlap_events(gating, population):
+    """Expected events on the wrong side of a gate whose populations overlap (0 if none)."""
+    gate = next((g for g in gating.gates if g.name == population), None)
+    if gate is None:
+        return 0.0
+    return float(gate.extra.get("expected_misclassified", 0.0) or 0.0)
+
+
+def widen_for_overlap(count, overlap_events, bead_events, beads_per_test, sample_volume_ul):
+    """Add the gate's own uncertainty to a count's interval.
+
+    Where a positive population overlaps its negatives (CAR+), about
+    ``overlap_events`` positives fall below the cut and as many negatives
+    above it; each is a Poisson number, so the gated count carries an extra
+    standard deviation of √(2·overlap) events beyond counting noise. The
+    interval becomes the exact bead interval at events ∓ 1.96·√(2·overlap).
+
+    Examples
+    --------
+    >>> from cytometry.counts import bead_count
+    >>> plain = bead_count(300, 5000, 50000, 50.0)
+    >>> wide = widen_for_overlap(plain, 20.0, 5000, 50000, 50.0)
+    >>> wide.ci95[0] < plain.ci95[0] and wide.ci95[1] > plain.ci95[1], wide.cells_per_ul == plain.cells_per_ul
+    (True, True)
+    """
+    from dataclasses import replace
+
+    delta = 1.96 * np.sqrt(2.0 * overlap_events)
+    low = bead_count(max(0, int(np.floor(count.events - delta))), bead_events, beads_per_test, sample_volume_ul)
+    high = bead_count(int(np.ceil(count.events + delta)), bead_events, beads_per_test, sample_volume_ul)
+    return replace(count, ci95=(low.ci95[0], high.ci95[1]), method="beads, interval widened for gate overlap")
+
+
 def _bead_constants(row, options):
     beads = options.beads_per_test
     volume = options.sample_volume_ul
@@ -346,6 +379,10 @@ def _count(gated, row, options, result, screening):
             if population in gating.masks:
                 counts[population] = bead_count(gating.events(population), bead_events, beads_per_test,
                                                 sample_volume_ul, lloq_events=options.lloq_events)
+        overlap = _gate_overlap_events(gating, "car_t")
+        if overlap and "car_t" in counts:
+            counts["car_t"] = widen_for_overlap(counts["car_t"], overlap, bead_events, beads_per_test,
+                                                sample_volume_ul)
         result["populations"] = {name: count.as_dict() for name, count in counts.items()}
     for name, count in counts.items():
         if count.below_lloq and name in ("b_cells", "car_t"):

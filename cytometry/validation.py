@@ -100,8 +100,12 @@ CONDITIONS = [
 ]
 
 
-def simulate_condition_set(out_dir, n_samples=120, seed=2026):
+def simulate_condition_set(out_dir, n_samples=120, seed=2026, with_pre_infusion=True):
     """Write ``n_samples`` simulated tubes spread evenly over :data:`CONDITIONS`.
+
+    With ``with_pre_infusion``, every CAR tube gets a companion pre-infusion
+    tube of the same subject (``truth["pre_infusion_file"]``), the CAR-negative
+    reference a trial's manifest links.
 
     Returns a list of ``(fcs_path, condition_name, truth)``. Seeded: the
     same arguments write the same files.
@@ -119,7 +123,14 @@ def simulate_condition_set(out_dir, n_samples=120, seed=2026):
         tube = simulate_tube(condition.panel, seed=seed * 1000 + index, concentrations=concentrations,
                              **acquisition)
         path = write_tube(tube, out_dir / f"{index:03d}_{condition.name}.fcs")
-        tubes.append((path, condition.name, tube.truth))
+        truth = dict(tube.truth)
+        if condition.panel == "car" and with_pre_infusion:
+            # The same subject before infusion: no CAR+ cells, B cells not yet depleted.
+            before = dict(overrides, b_cells=max(overrides.get("b_cells", 0.0), 30.0))
+            pre = simulate_tube("car", seed=seed * 1000 + index + 500_000,
+                                concentrations=default_concentrations("car", car_t=0.0, **before), **acquisition)
+            truth["pre_infusion_file"] = str(write_tube(pre, out_dir / f"{index:03d}_{condition.name}_pre.fcs"))
+        tubes.append((path, condition.name, truth))
     return tubes
 
 
@@ -142,6 +153,13 @@ def evaluate_tube(path, condition, truth, options=None):
     """Gate and count one simulated tube and compare with its truth."""
     options = options or AnalysisOptions(beads_per_test=truth["beads_per_test"],
                                          sample_volume_ul=truth["sample_volume_ul"])
+    if truth.get("pre_infusion_file"):
+        from dataclasses import replace
+
+        reference = gate_file(truth["pre_infusion_file"], options)
+        values = reference.data[reference.gating.masks["t_cells"], reference.channels["CAR"]]
+        options = replace(options, gating=replace(options.gating, car_reference=values,
+                                                  car_reference_source="pre-infusion tube"))
     record = TubeRecord(file=str(path), condition=condition, status="ok")
     labels = np.load(Path(path).parent / "truth" / f"{Path(path).stem}.labels.npy")
     names = truth["label_names"]

@@ -70,6 +70,9 @@ class GatingParams:
     mixture_bins : int
         The lymphocyte/monocyte/granulocyte mixture is fitted on a
         ``mixture_bins``² histogram of CD45 × log SSC.
+    min_valley_depth : float
+        A valley shallower than this (1 − valley / lower peak) is a dip in
+        one noisy mode, not a gap between populations (CD3, CD4, CD8).
     min_positive_events : float
         A mixture's positive component must hold about this many events to
         be taken as a population (CAR+).
@@ -94,6 +97,7 @@ class GatingParams:
     singlet_sd: float = 4.0
     min_peak_events: float = 12.0
     min_positive_events: float = 5.0
+    min_valley_depth: float = 0.5
     mixture_bins: int = 128
     region_mahalanobis2: float = 13.8
     bead_max_scatter_ratio: float = 1.6
@@ -622,6 +626,8 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     # T cells: CD3 is bimodal in lymphocytes (T cells are most of them).
     cd3 = build.values("CD3")
     cd3_cut, depth = valley_threshold(cd3[lymph], params, log_counts=True) if lymph.sum() >= 10 else (None, 0.0)
+    if cd3_cut is not None and depth < params.min_valley_depth:
+        cd3_cut = None  # a dip inside one noisy mode, not a gap between two populations
     cd3_info = {"method": "valley (log density)", "valley_depth": depth}
     myeloid = mono | gran
     if cd3_cut is None and myeloid.sum() >= 20:
@@ -660,6 +666,8 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         for marker in ("CD4", "CD8"):
             values = build.values(marker)
             cut, depth = valley_threshold(values[t_cells], params, log_counts=True)
+            if cut is not None and depth < params.min_valley_depth:
+                cut = None
             info = {"method": "valley (log density)", "valley_depth": depth}
             if cut is None and gran.sum() >= 20:
                 # Few T cells: granulocytes are CD4- and CD8-, a negative reference.
