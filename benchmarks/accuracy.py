@@ -48,6 +48,10 @@ def main(argv=None):
               f"{fmt(s['coverage'], '{:9.1%}')} {fmt(s['median_f1'], '{:7.3f}')} {fmt(s['min_f1'], '{:7.3f}')} "
               f"{s['n_f1']:5d}")
     print("\nF1 over tubes with >= 50 true events of the population; errors relative to the true cells/uL.")
+    car = populations.get("car_t", {})
+    if "n_f1_1pct" in car:
+        print(f"CAR+ T where CAR+ >= 1% of T cells ({car['n_f1_1pct']} tubes): median F1 {car['median_f1_1pct']:.3f}, "
+              f"min {car['min_f1_1pct']:.3f}, F1 >= 0.90 in {car['share_f1_1pct_ge_0.90']:.0%} of tubes")
 
     print("\nEligibility (TBNK tubes; truth: B cells > 5 cells/uL)")
     verdicts = ["eligible", "not_eligible", "indeterminate", "qc_fail"]

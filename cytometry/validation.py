@@ -227,6 +227,17 @@ def summarize(records, min_events_for_f1=50):
             "min_f1": float(np.min(f1)) if f1 else None,
             "n_f1": len(f1),
         }
+    car_share = []
+    for r in records:
+        if r.status == "ok" and "car_t" in r.populations and r.populations["t_cells"]["true_events"]:
+            entry = r.populations["car_t"]
+            if entry["true_events"] >= 0.01 * r.populations["t_cells"]["true_events"]:
+                car_share.append(entry["f1"])
+    if car_share:
+        populations["car_t"]["median_f1_1pct"] = float(np.median(car_share))
+        populations["car_t"]["min_f1_1pct"] = float(np.min(car_share))
+        populations["car_t"]["n_f1_1pct"] = len(car_share)
+        populations["car_t"]["share_f1_1pct_ge_0.90"] = float(np.mean(np.array(car_share) >= 0.90))
     confusion = {}
     for r in records:
         if r.eligibility_truth is None:

@@ -277,6 +277,39 @@ def positive_threshold(values, params, reference=None):
     return threshold, info
 
 
+def _fixed_negative_mixture(values, reference, mean, sd, fraction, iterations=300):
+    """EM for ``(1 − π)·f_ref + π·N(μ, σ)`` with ``f_ref`` fixed (smoothed reference histogram).
+
+    Returns ``π`` and each value's posterior probability of being positive.
+    """
+    from scipy.ndimage import gaussian_filter1d
+    from scipy.stats import norm
+
+    lo = min(values.min(), reference.min()) - 0.02
+    hi = max(values.max(), reference.max()) + 0.02
+    edges = np.linspace(lo, hi, 257)
+    counts, _ = np.histogram(reference, edges)
+    density = gaussian_filter1d(counts.astype(float), 1.5) + 0.5 / len(reference)
+    density /= density.sum() * (edges[1] - edges[0])
+    negative = density[np.clip(np.searchsorted(edges, values) - 1, 0, len(density) - 1)]
+    posterior = np.zeros_like(values)
+    for _ in range(iterations):
+        positive = norm.pdf(values, mean, sd)
+        joint = fraction * positive
+        posterior = joint / (joint + (1 - fraction) * negative)
+        new_fraction = float(posterior.mean())
+        weight = posterior.sum()
+        if weight <= 1e-9:
+            return 0.0, posterior
+        mean = float((posterior * values).sum() / weight)
+        sd = max(float(np.sqrt((posterior * (values - mean) ** 2).sum() / weight)), 1e-3)
+        converged = abs(new_fraction - fraction) < 1e-7
+        fraction = new_fraction
+        if converged:
+            break
+    return fraction, posterior
+
+
 def balanced_positive_threshold(values, params, reference=None):
     """Threshold for a dim positive population that overlaps its negatives.
 
@@ -325,6 +358,23 @@ def balanced_positive_threshold(values, params, reference=None):
     if not (separated and better):
         info["mixture"] = "no positive component (one mode)"
         return fallback, info
+    if reference is not None and len(reference) >= 200:
+        # A measured negative shape: fit only the positives' share and shape
+        # (EM with the negatives' density fixed to the reference's), then cut
+        # where exactly that many events lie above: the count is the estimate.
+        fraction, posterior = _fixed_negative_mixture(values, np.asarray(reference, dtype=np.float64),
+                                                      means[pos], sds[pos], weights[pos])
+        n_estimate = int(round(fraction * n_total))
+        if n_estimate >= params.min_positive_events:
+            ordered = np.sort(values)
+            threshold = float(ordered[n_total - n_estimate]) if n_estimate < n_total else float(ordered[0])
+            below = values < threshold
+            misclassified = 0.5 * (float(posterior[below].sum()) + float((1 - posterior[~below]).sum()))
+            info.update(method="cut leaving above it the positives estimated by a mixture with the "
+                               "reference's negative shape",
+                        positive_fraction=round(float(fraction), 6),
+                        expected_misclassified=round(misclassified, 2))
+            return threshold, info
     n_neg = n_total - n_pos
     # The negatives' right flank decides the false positives; a symmetric fit
     # is widened by their long left tail (compensated negatives on a logicle
