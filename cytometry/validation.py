@@ -120,6 +120,9 @@ def simulate_condition_set(out_dir, n_samples=120, seed=2026, with_pre_infusion=
         car_t = overrides.pop("car_t", None)
         concentrations = default_concentrations(condition.panel, car_t=car_t, **overrides) \
             if condition.panel == "car" else default_concentrations("tbnk", **overrides)
+        if condition.panel == "car" and with_pre_infusion:
+            # Detector gains drift a little between a subject's visits.
+            acquisition.setdefault("gain_range", (0.9, 1.1))
         tube = simulate_tube(condition.panel, seed=seed * 1000 + index, concentrations=concentrations,
                              **acquisition)
         path = write_tube(tube, out_dir / f"{index:03d}_{condition.name}.fcs")
