@@ -277,37 +277,51 @@ def positive_threshold(values, params, reference=None):
     return threshold, info
 
 
-def _fixed_negative_mixture(values, reference, mean, sd, fraction, iterations=300):
-    """EM for ``(1 − π)·f_ref + π·N(μ, σ)`` with ``f_ref`` fixed (smoothed reference histogram).
+def _fixed_negative_mixture(values, reference, mean, sd, fraction, iterations=300,
+                            shifts=np.linspace(-0.03, 0.03, 13)):
+    """EM for ``(1 − π)·f_ref(x − δ) + π·N(μ, σ)`` with the reference's shape fixed.
+
+    ``f_ref`` is the smoothed histogram of the reference. The reference tube
+    may have been acquired at a slightly different detector gain, which moves
+    its negatives along the scale; the offset ``δ`` is chosen among
+    ``shifts`` by likelihood, jointly with the positives, so the alignment
+    is not fooled by positives near the negative mode.
 
     Returns ``π`` and each value's posterior probability of being positive.
     """
     from scipy.ndimage import gaussian_filter1d
     from scipy.stats import norm
 
-    lo = min(values.min(), reference.min()) - 0.02
-    hi = max(values.max(), reference.max()) + 0.02
-    edges = np.linspace(lo, hi, 257)
+    lo = min(values.min(), reference.min()) - 0.05
+    hi = max(values.max(), reference.max()) + 0.05
+    edges = np.linspace(lo, hi, 513)
     counts, _ = np.histogram(reference, edges)
     density = gaussian_filter1d(counts.astype(float), 1.5) + 0.5 / len(reference)
     density /= density.sum() * (edges[1] - edges[0])
-    negative = density[np.clip(np.searchsorted(edges, values) - 1, 0, len(density) - 1)]
-    posterior = np.zeros_like(values)
-    for _ in range(iterations):
-        positive = norm.pdf(values, mean, sd)
-        joint = fraction * positive
-        posterior = joint / (joint + (1 - fraction) * negative)
-        new_fraction = float(posterior.mean())
-        weight = posterior.sum()
-        if weight <= 1e-9:
-            return 0.0, posterior
-        mean = float((posterior * values).sum() / weight)
-        sd = max(float(np.sqrt((posterior * (values - mean) ** 2).sum() / weight)), 1e-3)
-        converged = abs(new_fraction - fraction) < 1e-7
-        fraction = new_fraction
-        if converged:
-            break
-    return fraction, posterior
+    best = None
+    for shift in shifts:
+        negative = density[np.clip(np.searchsorted(edges, values - shift) - 1, 0, len(density) - 1)]
+        pi, mu, sigma = fraction, mean, sd
+        posterior = np.zeros_like(values)
+        for _ in range(iterations):
+            joint = pi * norm.pdf(values, mu, sigma)
+            mixture = joint + (1 - pi) * negative
+            posterior = joint / mixture
+            weight = posterior.sum()
+            if weight <= 1e-9:
+                pi = 0.0
+                break
+            new_pi = float(posterior.mean())
+            mu = float((posterior * values).sum() / weight)
+            sigma = max(float(np.sqrt((posterior * (values - mu) ** 2).sum() / weight)), 1e-3)
+            converged = abs(new_pi - pi) < 1e-6
+            pi = new_pi
+            if converged:
+                break
+        log_likelihood = float(np.log(pi * norm.pdf(values, mu, sigma) + (1 - pi) * negative).sum())
+        if best is None or log_likelihood > best[0]:
+            best = (log_likelihood, pi, posterior)
+    return best[1], best[2]
 
 
 def balanced_positive_threshold(values, params, reference=None):
