@@ -485,7 +485,7 @@ def _particle_rates(conc: dict) -> dict:
 
 
 # Event labels that make up each reported population (singlet counts).
-_POPULATION_LABELS = {
+POPULATION_LABELS = {
     "leukocytes": ("granulocyte", "monocyte", "cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell"),
     "lymphocytes": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell"),
     "monocytes": ("monocyte",),
@@ -816,9 +816,9 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
 
     # --- truth -------------------------------------------------------------
     label_counts = {name: int(np.count_nonzero(lab == i)) for i, name in enumerate(LABEL_NAMES)}
-    pops = [p for p in _POPULATION_LABELS
+    pops = [p for p in POPULATION_LABELS
             if panel == "car" or p not in ("car_t", "car_cd4_t", "car_cd8_t", "dead_cells")]
-    singlet_events = {p: sum(label_counts[x] for x in _POPULATION_LABELS[p]) for p in pops}
+    singlet_events = {p: sum(label_counts[x] for x in POPULATION_LABELS[p]) for p in pops}
     truth = {
         "file": None,
         "seed": int(seed),

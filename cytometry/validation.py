@@ -15,23 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from gating import POPULATIONS
+
 from .analysis import AnalysisOptions, analyze_gated, gate_file
+from .simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
 from .simulate import default_concentrations, simulate_tube, write_tube
 
-#: Which truth labels make up each reported population.
-POPULATION_LABELS = {
-    "beads": ("bead",),
-    "leukocytes": ("granulocyte", "monocyte", "cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell"),
-    "lymphocytes": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell"),
-    "monocytes": ("monocyte",),
-    "granulocytes": ("granulocyte",),
-    "t_cells": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t"),
-    "cd4_t": ("cd4_t", "car_cd4_t"),
-    "cd8_t": ("cd8_t", "car_cd8_t"),
-    "b_cells": ("b_cell",),
-    "nk_cells": ("nk_cell",),
-    "car_t": ("car_cd4_t", "car_cd8_t"),
-}
+#: Which truth labels make up each reported population (the simulator's own
+#: map, plus the beads; CAR+ CD4/CD8 sub-populations are not reported).
+POPULATION_LABELS = {"beads": ("bead",),
+                     **{name: labels for name, labels in SIMULATED_POPULATIONS.items() if name in POPULATIONS}}
 
 ELIGIBILITY_THRESHOLD = 5.0
 
