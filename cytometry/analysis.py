@@ -181,7 +181,7 @@ def _base_result(path, row):
     return result
 
 
-def analyze_file(path, manifest_row=None, options=None, on_gated=None):
+def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_errors=False):
     """Analyse one FCS file into the JSON-ready result of the CLI contract.
 
     Parameters
@@ -194,6 +194,8 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None):
         Called as ``on_gated(gated, result)`` after a successful analysis,
         with the :class:`GatedSample` (to draw figures or export gates
         without gating twice).
+    raise_errors : bool
+        Raise instead of returning an error result (``--debug``).
 
     Returns
     -------
@@ -218,6 +220,8 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None):
             on_gated(gated, result)
         return result
     except Exception as exc:  # one bad file must never stop a batch
+        if raise_errors:
+            raise
         if isinstance(exc, FcsError):
             problem = exc.problem
         elif isinstance(exc, (PanelError, SampleError, ValueError, OSError)):
@@ -334,11 +338,6 @@ def gate_file(path, options=None):
     flags.extend(gating.qc_flags)
     return GatedSample(sample=sample, panel=panel, spillover=spillover, data=data, channels=channels,
                        gating=gating, flags=flags)
-
-
-def _analyze(path, row, options, result, screening):
-    gated = gate_file(path, options)
-    return _count(gated, row, options, result, screening)
 
 
 def analyze_gated(gated, manifest_row=None, options=None):

@@ -116,15 +116,9 @@ def cmd_analyze(args):
     for path in files:
         row = manifest.lookup(path) if manifest is not None else None
         options = references.options_for(row)
-        if args.debug:
-            from . import analysis
-
-            result = analysis._base_result(path, row)
-            result = analysis._analyze(Path(path), row, options, result, analysis.is_screening(result["visit"]))
-        else:
-            writer = (lambda gated, result: _write_artifacts(gated, args, result)) \
-                if (args.plots or args.gatingml) else None
-            result = analyze_file(path, row, options, on_gated=writer)
+        writer = (lambda gated, result: _write_artifacts(gated, args, result)) \
+            if (args.plots or args.gatingml) else None
+        result = analyze_file(path, row, options, on_gated=writer, raise_errors=args.debug)
         if result["status"] == "error":
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
         results.append(result)
