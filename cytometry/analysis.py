@@ -15,7 +15,7 @@ import numpy as np
 from gating import POPULATIONS, GatingParams, auto_gate
 
 from ._version import __version__
-from .counts import DEFAULT_LLOQ_EVENTS, bead_count
+from .counts import DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count
 from .eligibility import EligibilityRule, decide
 from .fcs import FcsError, read_fcs
 from .panel import PanelError, read_panel_file, resolve_panel
@@ -33,8 +33,17 @@ class AnalysisOptions:
     Attributes
     ----------
     beads_per_test, sample_volume_ul : float or None
-        Override the manifest; without either source a sample is an error
-        (no guessed default in a clinical count).
+        Override the manifest; without them (and without another counting
+        method's inputs) a sample is an error: no guessed default in a
+        clinical count.
+    dilution_factor : float or None
+        Stained sample / blood volume, for volumetric counting from ``$VOL``.
+    lymphocytes_per_ul : float or None
+        Haematology analyser's lymphocyte count, for dual-platform counting.
+    method : {"auto", "beads", "volumetric", "dual-platform"} or None
+        ``auto`` (default): beads, else volumetric, else dual-platform.
+    lod_events : int
+        Fewer events than this: "not detected" (3: P(0 | 3 expected) ≈ 5%).
     compensation : str or None
         Path of a spillover CSV to use instead of the file's matrix.
     panel_file : str or None
@@ -50,10 +59,14 @@ class AnalysisOptions:
 
     beads_per_test: float | None = None
     sample_volume_ul: float | None = None
+    dilution_factor: float | None = None
+    lymphocytes_per_ul: float | None = None
+    method: str | None = None
     compensation: str | None = None
     panel_file: str | None = None
     device: str | None = None
     lloq_events: int = DEFAULT_LLOQ_EVENTS
+    lod_events: int = DEFAULT_LOD_EVENTS
     min_bead_events: int = DEFAULT_MIN_BEAD_EVENTS
     rule: EligibilityRule = field(default_factory=EligibilityRule)
     gating: GatingParams = field(default_factory=GatingParams)
@@ -117,47 +130,118 @@ def _gate_overlap_events(gating, population):
     return float(gate.extra.get("expected_misclassified", 0.0) or 0.0)
 
 
-def widen_for_overlap(count, overlap_events, bead_events, beads_per_test, sample_volume_ul):
+def widen_for_overlap(count, overlap_events, count_for):
     """Add the gate's own uncertainty to a count's interval.
 
     Where a positive population overlaps its negatives (CAR+), about
     ``overlap_events`` positives fall below the cut and as many negatives
     above it; each is a Poisson number, so the gated count carries an extra
     standard deviation of √(2·overlap) events beyond counting noise. The
-    interval becomes the exact bead interval at events ∓ 1.96·√(2·overlap).
+    interval becomes the exact interval of the counting method at
+    events ∓ 1.96·√(2·overlap).
+
+    Parameters
+    ----------
+    count : Count
+    overlap_events : float
+    count_for : callable(events) -> Count
+        The counting method (beads, volumetric or dual-platform).
 
     Examples
     --------
     >>> from cytometry.counts import bead_count
-    >>> plain = bead_count(300, 5000, 50000, 50.0)
-    >>> wide = widen_for_overlap(plain, 20.0, 5000, 50000, 50.0)
+    >>> count_for = lambda events: bead_count(events, 5000, 50000, 50.0)
+    >>> plain = count_for(300)
+    >>> wide = widen_for_overlap(plain, 20.0, count_for)
     >>> wide.ci95[0] < plain.ci95[0] and wide.ci95[1] > plain.ci95[1], wide.cells_per_ul == plain.cells_per_ul
     (True, True)
     """
     from dataclasses import replace
 
     delta = 1.96 * np.sqrt(2.0 * overlap_events)
-    low = bead_count(max(0, int(np.floor(count.events - delta))), bead_events, beads_per_test, sample_volume_ul)
-    high = bead_count(int(np.ceil(count.events + delta)), bead_events, beads_per_test, sample_volume_ul)
-    return replace(count, ci95=(low.ci95[0], high.ci95[1]), method="beads, interval widened for gate overlap")
+    low = count_for(max(0, int(np.floor(count.events - delta))))
+    high = count_for(int(np.ceil(count.events + delta)))
+    return replace(count, ci95=(low.ci95[0], high.ci95[1]), method=f"{count.method}, interval widened for gate overlap")
 
 
-def _bead_constants(row, options):
-    beads = options.beads_per_test
-    volume = options.sample_volume_ul
-    if row is not None:
-        if beads is None:
-            beads = row.number("beads_per_test")
-        if volume is None:
-            volume = row.number("sample_volume_ul")
-    missing = [name for name, value in (("beads per test", beads), ("sample volume (uL)", volume))
-               if value is None]
-    if missing:
-        raise SampleError(f"no {' and no '.join(missing)}: give --beads-per-test/--sample-volume-ul "
-                          f"or the manifest columns beads_per_test/sample_volume_ul")
-    if beads <= 0 or volume <= 0:
-        raise SampleError(f"beads per test ({beads:g}) and sample volume ({volume:g} uL) must be positive")
-    return beads, volume
+COUNTING_METHODS = ("auto", "beads", "volumetric", "dual-platform")
+LYMPHOCYTE_SUBSETS = ("lymphocytes", "t_cells", "cd4_t", "cd8_t", "b_cells", "nk_cells", "car_t")
+
+
+def _option_or_manifest(options, row, name):
+    value = getattr(options, name)
+    if value is None and row is not None:
+        value = row.number(name)
+    return value
+
+
+def _choose_counting(row, options, sample, gating):
+    """The counting method for one sample and a function giving a population's Count.
+
+    ``auto`` takes single-platform beads when the bead constants are known and
+    the tube has beads, else volumetric counting when the file has ``$VOL``
+    and a dilution factor is given, else dual-platform counting when the
+    manifest gives the haematology analyser's lymphocytes/µL. The manifest
+    column ``counting_method`` or ``--method`` can insist on one.
+
+    Returns
+    -------
+    method : str
+    count_for : callable(events) -> Count
+    details : dict
+        The constants used (recorded in ``result["counting"]``).
+    """
+    from .counts import dual_platform_count, volumetric_count
+
+    requested = options.method or "auto"
+    if requested == "auto" and row is not None and row.text("counting_method"):
+        requested = row.text("counting_method").lower()
+    if requested not in COUNTING_METHODS:
+        raise SampleError(f"unknown counting method {requested!r} (choose from {', '.join(COUNTING_METHODS)})")
+    beads = _option_or_manifest(options, row, "beads_per_test")
+    volume = _option_or_manifest(options, row, "sample_volume_ul")
+    dilution = _option_or_manifest(options, row, "dilution_factor")
+    lymphocytes = _option_or_manifest(options, row, "lymphocytes_per_ul")
+    lymphocytes_cv = row.number("lymphocytes_cv") if row is not None else None
+    for name, value in (("beads per test", beads), ("sample volume (uL)", volume), ("dilution factor", dilution),
+                        ("lymphocytes/uL", lymphocytes)):
+        if value is not None and value <= 0:
+            raise SampleError(f"{name} ({value:g}) must be positive")
+    bead_events = gating.events("beads")
+    lymphocyte_events = gating.events("lymphocytes") if "lymphocytes" in gating.masks else 0
+    has_volumetric = bool(sample.vol_nl and dilution)
+    has_dual = bool(lymphocytes and lymphocyte_events)
+    candidates = [requested] if requested != "auto" else ["beads", "volumetric", "dual-platform"]
+    for method in candidates:
+        if method == "beads" and beads and volume:
+            # A tube without beads falls through to another method when there is one.
+            if bead_events == 0 and requested == "auto" and (has_volumetric or has_dual):
+                continue
+
+            def count_for(events):
+                return bead_count(events, bead_events, beads, volume, lloq_events=options.lloq_events)
+
+            return "beads", (count_for if bead_events else None), {"beads_per_test": beads,
+                                                                   "sample_volume_ul": volume}
+        if method == "volumetric" and has_volumetric:
+            def count_for(events):
+                return volumetric_count(events, sample.vol_nl, dilution, lloq_events=options.lloq_events)
+
+            return "volumetric", count_for, {"vol_nl": sample.vol_nl, "dilution_factor": dilution}
+        if method == "dual-platform" and has_dual:
+            def count_for(events):
+                return dual_platform_count(events, lymphocyte_events, lymphocytes, lymphocytes_cv=lymphocytes_cv,
+                                           lloq_events=options.lloq_events)
+
+            return "dual-platform", count_for, {"lymphocytes_per_ul": lymphocytes, "lymphocytes_cv": lymphocytes_cv,
+                                                "lymphocyte_events": lymphocyte_events}
+    if requested != "auto":
+        raise SampleError(f"counting method {requested} requested but its inputs are missing "
+                          f"(beads: --beads-per-test/--sample-volume-ul; volumetric: $VOL and --dilution-factor; "
+                          f"dual-platform: --lymphocytes-per-ul and lymphocyte events)")
+    raise SampleError("no beads per test and sample volume (give --beads-per-test/--sample-volume-ul or the "
+                      "manifest columns beads_per_test/sample_volume_ul), no $VOL with a dilution factor, and no "
+                      "lymphocytes_per_ul for dual-platform counting: no count is possible")
 
 
 def _base_result(path, row):
@@ -356,36 +440,42 @@ def _count(gated, row, options, result, screening):
     sample, panel, spillover, gating = gated.sample, gated.panel, gated.spillover, gated.gating
     result["sha256"] = sample.sha256
     result["panel"] = panel.name
-    beads_per_test, sample_volume_ul = _bead_constants(row, options)
+    method, count_for, details = _choose_counting(row, options, sample, gating)
     flags = list(gated.flags)
     bead_events = gating.events("beads")
     # Bright in every channel but outside the bead scatter: bead doublets and
     # bead–cell coincidences, counted as neither.
     result["beads"] = {"events": bead_events, "doublet_events": gating.events("bead_bright") - bead_events,
-                       "beads_per_test": beads_per_test, "sample_volume_ul": sample_volume_ul}
+                       "beads_per_test": details.get("beads_per_test"),
+                       "sample_volume_ul": details.get("sample_volume_ul")}
     count_problems = []
-    if bead_events == 0:
-        count_problems.append("beads: 0 events, no count possible")
-    elif bead_events < options.min_bead_events:
-        count_problems.append(f"beads: {bead_events} events < {options.min_bead_events} minimum")
+    if method == "beads":
+        if bead_events == 0:
+            count_problems.append("beads: 0 events, no count possible")
+        elif bead_events < options.min_bead_events:
+            count_problems.append(f"beads: {bead_events} events < {options.min_bead_events} minimum")
     for problem in count_problems:
         if problem not in flags:
             flags.append(problem)
 
     counts = {}
-    if bead_events > 0:
+    if count_for is not None:
         for population in POPULATIONS:
-            if population in gating.masks:
-                counts[population] = bead_count(gating.events(population), bead_events, beads_per_test,
-                                                sample_volume_ul, lloq_events=options.lloq_events)
+            # Dual-platform counting scales a share of the lymphocytes: only
+            # lymphocyte subsets can be counted that way.
+            if population in gating.masks and (method != "dual-platform" or population in LYMPHOCYTE_SUBSETS):
+                counts[population] = count_for(gating.events(population))
         overlap = _gate_overlap_events(gating, "car_t")
         if overlap and "car_t" in counts:
-            counts["car_t"] = widen_for_overlap(counts["car_t"], overlap, bead_events, beads_per_test,
-                                                sample_volume_ul)
+            counts["car_t"] = widen_for_overlap(counts["car_t"], overlap, count_for)
         result["populations"] = {name: count.as_dict() for name, count in counts.items()}
     for name, count in counts.items():
         if count.below_lloq and name in ("b_cells", "car_t"):
-            flags.append(f"{name}: {count.events} events < LLOQ of {options.lloq_events}")
+            detected = "not detected, " if count.events < options.lod_events else ""
+            flags.append(f"{name}: {count.events} events < LLOQ of {options.lloq_events} ({detected}"
+                         f"LOD {options.lod_events} events)")
+        if name in result["populations"]:
+            result["populations"][name]["below_lod"] = bool(count.events < options.lod_events)
 
     from .qc import review
 
@@ -422,9 +512,10 @@ def _count(gated, row, options, result, screening):
     result["panel_channels"] = panel.as_dict()
     result["gating"] = {"params": gating.params.as_dict(), "gates": [g.as_dict() for g in gating.gates],
                         "logicle": dict(LOGICLE_DEFAULTS, t="$PnR")}
-    result["counting"] = {"method": "beads", "lloq_events": options.lloq_events,
-                          "min_bead_events": options.min_bead_events,
-                          "doublets": "singlet cells over singlet beads (coincidence removes both alike)"}
+    result["counting"] = {"method": method, **details, "lloq_events": options.lloq_events,
+                          "lod_events": options.lod_events, "min_bead_events": options.min_bead_events,
+                          "doublets": "singlet cells over singlet beads (coincidence removes both alike)"
+                          if method == "beads" else "singlets only"}
     result["qc_rules"] = asdict(options.qc)
     result["events_total"] = sample.n_events
     return result

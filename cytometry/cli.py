@@ -105,7 +105,9 @@ def cmd_analyze(args):
             raise UsageError(f"{value}: --{option} file not found")
     options = AnalysisOptions(beads_per_test=args.beads_per_test, sample_volume_ul=args.sample_volume_ul,
                               compensation=args.compensation, panel_file=args.panel, device=args.device,
-                              lloq_events=args.lloq_events, min_bead_events=args.min_bead_events)
+                              lloq_events=args.lloq_events, lod_events=args.lod_events,
+                              min_bead_events=args.min_bead_events, method=args.method,
+                              dilution_factor=args.dilution_factor, lymphocytes_per_ul=args.lymphocytes_per_ul)
     files = _collect_files(args.inputs, manifest)
     if not files:
         raise UsageError("no FCS files to analyse")
@@ -233,11 +235,18 @@ def build_parser():
     analyze.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     analyze.add_argument("--beads-per-test", type=float, help="beads in the tube (overrides the manifest)")
     analyze.add_argument("--sample-volume-ul", type=float, help="uL of blood in the tube (overrides the manifest)")
+    analyze.add_argument("--method", choices=["auto", "beads", "volumetric", "dual-platform"], default=None,
+                         help="counting method (default auto: beads, else volumetric from $VOL, else dual-platform)")
+    analyze.add_argument("--dilution-factor", type=float,
+                         help="stained sample / blood volume, for volumetric counting (overrides the manifest)")
+    analyze.add_argument("--lymphocytes-per-ul", type=float,
+                         help="haematology analyser lymphocytes/uL, for dual-platform counting (overrides the manifest)")
     analyze.add_argument("--compensation", metavar="MATRIX.csv", help="spillover matrix to use instead of the file's")
     analyze.add_argument("--panel", metavar="PANEL.csv", help="marker,channel overrides for panel resolution")
     analyze.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None,
                          help="where the gating kernels run (default: $CYTOMETRY_DEVICE or auto)")
     analyze.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")
+    analyze.add_argument("--lod-events", type=int, default=3, help="events below which a population is not detected")
     analyze.add_argument("--min-bead-events", type=int, default=1000, help="bead events below which a tube fails QC")
     analyze.add_argument("--plots", metavar="DIR", help="write a gating figure per sample (DIR/<file>.gating.png)")
     analyze.add_argument("--gatingml", metavar="DIR",

@@ -147,3 +147,95 @@ def bead_count(cell_events, bead_events, beads_per_test, sample_volume_ul, *,
         below_lloq=cell_events < lloq_events,
         method="beads",
     )
+
+
+#: Events at which a population is "detected" (Poisson: P(0 | 3 expected) ≈ 5%).
+DEFAULT_LOD_EVENTS = 3
+
+
+def poisson_interval(events, confidence=0.95):
+    """Exact (Garwood) interval for a Poisson mean from an observed count.
+
+    Examples
+    --------
+    >>> lo, hi = poisson_interval(0)
+    >>> lo, round(hi, 3)
+    (0.0, 3.689)
+    """
+    from scipy.stats import chi2
+
+    if events < 0:
+        raise ValueError("events must be non-negative")
+    alpha = 1.0 - confidence
+    lower = 0.0 if events == 0 else float(chi2.ppf(alpha / 2, 2 * events) / 2)
+    upper = float(chi2.ppf(1 - alpha / 2, 2 * events + 2) / 2)
+    return lower, upper
+
+
+def volumetric_count(cell_events, vol_nl, dilution_factor=1.0, *, lloq_events=DEFAULT_LLOQ_EVENTS,
+                     confidence=0.95):
+    """Cells/µL of blood from an instrument that measured the volume analysed.
+
+    ``cells/µL = events / ($VOL nL / 1000) × dilution factor``, with an exact
+    Poisson interval for the events.
+
+    Parameters
+    ----------
+    cell_events : int
+    vol_nl : float
+        ``$VOL``: nanolitres of stained sample analysed.
+    dilution_factor : float
+        Stained sample volume / blood volume (e.g. (50 + 20 + 450) / 50 for a
+        lyse-no-wash tube).
+
+    Examples
+    --------
+    >>> c = volumetric_count(200, 100000.0, 10.4)
+    >>> round(c.cells_per_ul, 2), c.method
+    (20.8, 'volumetric')
+    """
+    if not vol_nl or vol_nl <= 0:
+        raise ValueError("$VOL must be a positive number of nanolitres")
+    if dilution_factor <= 0:
+        raise ValueError("dilution factor must be positive")
+    scale = dilution_factor / (vol_nl / 1000.0)
+    lower, upper = poisson_interval(int(cell_events), confidence)
+    return Count(events=int(cell_events), cells_per_ul=cell_events * scale, ci95=(lower * scale, upper * scale),
+                 below_lloq=cell_events < lloq_events, method="volumetric")
+
+
+def dual_platform_count(cell_events, lymphocyte_events, lymphocytes_per_ul, *, lymphocytes_cv=None,
+                        lloq_events=DEFAULT_LLOQ_EVENTS, confidence=0.95):
+    """Cells/µL from the haematology analyser's lymphocyte count.
+
+    ``cells/µL = population events / lymphocyte events × lymphocytes/µL``.
+    The interval is the exact (Clopper–Pearson) interval of the proportion,
+    times the lymphocyte count; when the analyser's coefficient of variation
+    is known (``lymphocytes_cv``, e.g. 0.05) its uncertainty is added on the
+    log scale (the two are independent), otherwise the interval treats the
+    lymphocyte count as exact and the method says so.
+
+    Examples
+    --------
+    >>> c = dual_platform_count(100, 2000, 1500.0)
+    >>> c.cells_per_ul, c.method
+    (75.0, 'dual-platform (lymphocyte count taken as exact)')
+    """
+    import math
+
+    if lymphocyte_events <= 0:
+        raise ValueError("no lymphocyte events: a dual-platform count is impossible")
+    if lymphocytes_per_ul is None or lymphocytes_per_ul <= 0:
+        raise ValueError("the lymphocytes/uL from the haematology analyser must be positive")
+    proportion = cell_events / lymphocyte_events
+    lower_p, upper_p = clopper_pearson(int(cell_events), int(lymphocyte_events), confidence)
+    lower, upper = lower_p * lymphocytes_per_ul, upper_p * lymphocytes_per_ul
+    method = "dual-platform (lymphocyte count taken as exact)"
+    if lymphocytes_cv:
+        # Independent relative errors combine on the log scale.
+        z = 1.959963984540054
+        widen = math.exp(z * lymphocytes_cv)
+        lower, upper = lower / widen, upper * widen
+        method = f"dual-platform (lymphocyte count CV {lymphocytes_cv:g} included)"
+    return Count(events=int(cell_events), cells_per_ul=proportion * lymphocytes_per_ul, ci95=(lower, upper),
+                 below_lloq=cell_events < lloq_events, method=method)

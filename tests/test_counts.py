@@ -74,3 +74,40 @@ def test_bead_count_below_lloq_and_zero_events():
 def test_bead_count_refuses_no_beads():
     with pytest.raises(ValueError, match="bead"):
         bead_count(10, 0, 50000, 50.0)
+
+
+def test_poisson_interval_against_chi2_free_reference():
+    from scipy.stats import poisson
+
+    from cytometry.counts import poisson_interval
+
+    for k in (0, 1, 7, 50, 400):
+        lo, hi = poisson_interval(k)
+        # Garwood bounds: P(X >= k | lo) = 2.5% and P(X <= k | hi) = 2.5%.
+        if k:
+            assert poisson.sf(k - 1, lo) == pytest.approx(0.025, abs=1e-9)
+        assert poisson.cdf(k, hi) == pytest.approx(0.025, abs=1e-9)
+
+
+def test_volumetric_count_hand_computed():
+    from cytometry.counts import volumetric_count
+
+    # 312 events in 52,000 nL of a 10.4x diluted sample: 312 / 52 uL * 10.4 = 62.4 cells/uL.
+    c = volumetric_count(312, 52000.0, 10.4)
+    assert c.cells_per_ul == pytest.approx(62.4)
+    assert c.ci95[0] < 62.4 < c.ci95[1] and c.method == "volumetric"
+    with pytest.raises(ValueError, match="VOL"):
+        volumetric_count(10, 0.0)
+
+
+def test_dual_platform_count_and_cbc_uncertainty():
+    from cytometry.counts import clopper_pearson, dual_platform_count
+
+    exact = dual_platform_count(120, 3000, 1200.0)
+    assert exact.cells_per_ul == pytest.approx(48.0)
+    lo, hi = clopper_pearson(120, 3000)
+    assert exact.ci95 == pytest.approx((lo * 1200, hi * 1200))
+    assert "taken as exact" in exact.method
+    with_cv = dual_platform_count(120, 3000, 1200.0, lymphocytes_cv=0.05)
+    assert with_cv.ci95[0] < exact.ci95[0] and with_cv.ci95[1] > exact.ci95[1]
+    assert "CV 0.05" in with_cv.method
