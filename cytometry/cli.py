@@ -89,7 +89,8 @@ def _cell(count):
     return f"<LLOQ {text}" if count["below_lloq"] else text
 
 
-def cmd_analyze(args):
+def _analyse_run(args):
+    """Analyse the files of a run (shared by analyze, eligibility and persistence)."""
     from .analysis import AnalysisOptions, analyze_file
     from .manifest import ManifestError, read_manifest
 
@@ -118,12 +119,21 @@ def cmd_analyze(args):
     for path in files:
         row = manifest.lookup(path) if manifest is not None else None
         options = references.options_for(row)
-        writer = (lambda gated, result: _write_artifacts(gated, args, result)) \
-            if (args.plots or args.gatingml) else None
+        wants_artifacts = getattr(args, "gating_plots", None) or getattr(args, "gatingml", None)
+        writer = (lambda gated, result: _write_artifacts(gated, args, result)) if wants_artifacts else None
         result = analyze_file(path, row, options, on_gated=writer, raise_errors=args.debug)
         if result["status"] == "error":
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
         results.append(result)
+    return results
+
+
+def _exit_code(results):
+    return EXIT_SAMPLE_FAILED if any(r["status"] == "error" for r in results) else EXIT_OK
+
+
+def cmd_analyze(args):
+    results = _analyse_run(args)
     if args.json:
         json.dump({"samples": results, "software_version": __version__}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -131,7 +141,74 @@ def cmd_analyze(args):
         print(_format_table(results))
         failed = sum(r["status"] == "error" for r in results)
         print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed")
-    return EXIT_SAMPLE_FAILED if any(r["status"] == "error" for r in results) else EXIT_OK
+    return _exit_code(results)
+
+
+def _ci_text(ci):
+    return f"[{ci[0]:.3g}-{ci[1]:.3g}]" if ci else ""
+
+
+def cmd_eligibility(args):
+    from .subjects import ELIGIBILITY_COLUMNS, screening_decisions, write_csv
+
+    results = _analyse_run(args)
+    rows = screening_decisions(results)
+    if args.csv:
+        write_csv(args.csv, ELIGIBILITY_COLUMNS, rows)
+    if args.json:
+        json.dump({"subjects": rows, "software_version": __version__}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{'subject':10s} {'verdict':14s} {'B cells/uL [95% CI]':26s} {'events':>6s}  deciding tube")
+        for row in rows:
+            value = "" if row["value"] is None else f"{row['value']:.3g} {_ci_text(row['ci95'])}"
+            events = "" if row["events"] is None else str(row["events"])
+            print(f"{row['subject_id']:10s} {row['verdict']:14s} {value:26s} {events:>6s}  "
+                  f"{Path(row['file']).name}")
+            for reason in row["reasons"]:
+                print(f"{'':12s}- {reason}")
+        print(f"\n{len(rows)} subjects; rule: {rows[0]['rule'] if rows else ''}")
+    return _exit_code(results)
+
+
+def cmd_persistence(args):
+    from .subjects import (PERSISTENCE_COLUMNS, AplasiaRule, persistence, persistence_csv_rows,
+                           save_kinetics_figure, write_csv)
+
+    results = _analyse_run(args)
+    subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold))
+    if args.plots:
+        for subject in subjects:
+            subject["kinetics_figure"] = str(save_kinetics_figure(subject, args.plots))
+    if args.csv:
+        write_csv(args.csv, PERSISTENCE_COLUMNS, persistence_csv_rows(subjects))
+    if args.json:
+        json.dump({"subjects": subjects, "software_version": __version__}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return _exit_code(results)
+    for subject in subjects:
+        print(f"subject {subject['subject_id']}")
+        print(f"  {'day':>5s}  {'CAR+ T/uL [95% CI]':28s} {'B cells/uL':12s} flags")
+        for point in subject["timeline"]:
+            car, b = point.get("car_t"), point.get("b_cells")
+            car_text = "" if not car else \
+                f"{'<LLOQ ' if car['below_lloq'] else ''}{car['cells_per_ul']:.3g} {_ci_text(car['ci95'])}"
+            b_text = "" if not b else f"{'<LLOQ ' if b['below_lloq'] else ''}{b['cells_per_ul']:.3g}"
+            print(f"  {str(point['study_day']):>5s}  {car_text:28s} {b_text:12s} {'; '.join(point['qc_flags'])[:60]}")
+        cmax = "none quantifiable" if subject["cmax"] is None else \
+            f"{subject['cmax']:.3g}/uL on day {subject['tmax_day']}"
+        auc = "-" if subject["auc_0_28"] is None else f"{subject['auc_0_28']:.4g} cells/uL x day"
+        last = "-" if subject["clast"] is None else f"{subject['clast']:.3g}/uL on day {subject['tlast_day']}"
+        print(f"  Cmax {cmax}; AUC(0-28 d) {auc}; last quantifiable {last}")
+        onset = subject["aplasia_onset_day"]
+        if onset is None:
+            print(f"  B-cell aplasia ({subject['aplasia_rule']['definition']}): not seen")
+        else:
+            end = "ongoing at the last visit" if subject["aplasia_ongoing"] else \
+                f"recovery on day {subject['aplasia_recovery_day']}"
+            print(f"  B-cell aplasia ({subject['aplasia_rule']['definition']}): from day {onset}, {end} "
+                  f"({subject['aplasia_duration_days']} days)")
+    return _exit_code(results)
 
 
 def _write_artifacts(gated, args, result):
@@ -140,11 +217,11 @@ def _write_artifacts(gated, args, result):
 
     path = gated.sample.path
     try:
-        if args.plots:
+        if getattr(args, "gating_plots", None):
             from .plots import save_gating_figure
 
-            result["gating_figure"] = str(save_gating_figure(gated, args.plots))
-        if args.gatingml:
+            result["gating_figure"] = str(save_gating_figure(gated, args.gating_plots))
+        if getattr(args, "gatingml", None):
             out_dir = Path(args.gatingml)
             out_dir.mkdir(parents=True, exist_ok=True)
             target = out_dir / f"{Path(path).stem}.gating.xml"
@@ -223,36 +300,55 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _add_run_options(command):
+    """Inputs and counting options shared by analyze, eligibility and persistence."""
+    command.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="FCS files or directories of them")
+    command.add_argument("--manifest", help="sample sheet CSV (file, subject_id, visit, study_day, tube, "
+                                            "beads_per_test, sample_volume_ul)")
+    command.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    command.add_argument("--beads-per-test", type=float, help="beads in the tube (overrides the manifest)")
+    command.add_argument("--sample-volume-ul", type=float, help="uL of blood in the tube (overrides the manifest)")
+    command.add_argument("--method", choices=["auto", "beads", "volumetric", "dual-platform"], default=None,
+                         help="counting method (default auto: beads, else volumetric from $VOL, else dual-platform)")
+    command.add_argument("--dilution-factor", type=float,
+                         help="stained sample / blood volume, for volumetric counting (overrides the manifest)")
+    command.add_argument("--lymphocytes-per-ul", type=float,
+                         help="haematology analyser lymphocytes/uL, for dual-platform counting (overrides the manifest)")
+    command.add_argument("--compensation", metavar="MATRIX.csv", help="spillover matrix to use instead of the file's")
+    command.add_argument("--panel", metavar="PANEL.csv", help="marker,channel overrides for panel resolution")
+    command.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None,
+                         help="where the gating kernels run (default: $CYTOMETRY_DEVICE or auto)")
+    command.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")
+    command.add_argument("--lod-events", type=int, default=3, help="events below which a population is not detected")
+    command.add_argument("--min-bead-events", type=int, default=1000, help="bead events below which a tube fails QC")
+    command.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def build_parser():
     parser = _Parser(prog="cytometry", description="CD19+ B-cell and CAR+ T-cell absolute counts from FCS files.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     analyze = sub.add_parser("analyze", help="gate and count FCS files (cells/uL with 95%% intervals)")
-    analyze.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="FCS files or directories of them")
-    analyze.add_argument("--manifest", help="sample sheet CSV (file, subject_id, visit, study_day, tube, "
-                                            "beads_per_test, sample_volume_ul)")
-    analyze.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    analyze.add_argument("--beads-per-test", type=float, help="beads in the tube (overrides the manifest)")
-    analyze.add_argument("--sample-volume-ul", type=float, help="uL of blood in the tube (overrides the manifest)")
-    analyze.add_argument("--method", choices=["auto", "beads", "volumetric", "dual-platform"], default=None,
-                         help="counting method (default auto: beads, else volumetric from $VOL, else dual-platform)")
-    analyze.add_argument("--dilution-factor", type=float,
-                         help="stained sample / blood volume, for volumetric counting (overrides the manifest)")
-    analyze.add_argument("--lymphocytes-per-ul", type=float,
-                         help="haematology analyser lymphocytes/uL, for dual-platform counting (overrides the manifest)")
-    analyze.add_argument("--compensation", metavar="MATRIX.csv", help="spillover matrix to use instead of the file's")
-    analyze.add_argument("--panel", metavar="PANEL.csv", help="marker,channel overrides for panel resolution")
-    analyze.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None,
-                         help="where the gating kernels run (default: $CYTOMETRY_DEVICE or auto)")
-    analyze.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")
-    analyze.add_argument("--lod-events", type=int, default=3, help="events below which a population is not detected")
-    analyze.add_argument("--min-bead-events", type=int, default=1000, help="bead events below which a tube fails QC")
-    analyze.add_argument("--plots", metavar="DIR", help="write a gating figure per sample (DIR/<file>.gating.png)")
+    _add_run_options(analyze)
+    analyze.add_argument("--plots", dest="gating_plots", metavar="DIR",
+                         help="write a gating figure per sample (DIR/<file>.gating.png)")
     analyze.add_argument("--gatingml", metavar="DIR",
                          help="write each sample's automatic gates as GatingML 2.0 (DIR/<file>.gating.xml)")
-    analyze.add_argument("--debug", action="store_true", help="show tracebacks")
     analyze.set_defaults(func=cmd_analyze)
+
+    eligibility = sub.add_parser("eligibility", help="screening verdict per subject (CD19+ B cells > 5 cells/uL)")
+    _add_run_options(eligibility)
+    eligibility.add_argument("--csv", metavar="FILE", help="also write the table as CSV (units in column names)")
+    eligibility.set_defaults(func=cmd_eligibility)
+
+    kinetics = sub.add_parser("persistence", help="CAR+ T kinetics and B-cell aplasia per subject")
+    _add_run_options(kinetics)
+    kinetics.add_argument("--aplasia-threshold", type=float, default=1.0,
+                          help="B-cell aplasia: CD19+ B cells below this many cells/uL (default 1)")
+    kinetics.add_argument("--plots", metavar="DIR", help="write a kinetics plot per subject (DIR/<subject>.kinetics.png)")
+    kinetics.add_argument("--csv", metavar="FILE", help="also write the timelines as CSV (units in column names)")
+    kinetics.set_defaults(func=cmd_persistence)
 
     inspect = sub.add_parser("inspect", help="show what an FCS file holds before analysing it")
     inspect.add_argument("file")

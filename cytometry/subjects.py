@@ -1,0 +1,394 @@
+"""Per-subject views of a run: the screening decision and CAR-T kinetics.
+
+Both work on the per-sample results of :func:`cytometry.analysis.analyze_file`
+(the JSON contract), grouped by ``subject_id``.
+
+Screening rule (which tube decides)
+    A subject's screening tubes are ordered by study day (then file name).
+    The **latest tube with a definite or indeterminate verdict** decides; a
+    ``qc_fail`` tube (or an unreadable one) never overrides a valid one, and a
+    re-acquisition after an ``indeterminate`` tube supersedes it. When every
+    tube failed QC, the verdict is ``qc_fail``.
+
+Kinetics
+    Cmax / Tmax over quantifiable CAR+ values (at or above LLOQ); AUC(0–28 d)
+    by the linear trapezoid over the visits from day 0 to day 28, with values
+    below LLOQ taken as 0 (the usual convention for cellular kinetics
+    "below the limit of quantification" points; the result says so);
+    Clast / Tlast the last quantifiable value; B-cell aplasia by a named,
+    versioned rule (default: CD19+ B cells below 1 cell/µL after infusion).
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCREENING_RULE = ("latest screening tube with a valid verdict decides; qc_fail tubes never override a valid one; "
+                  "a re-acquisition supersedes an earlier indeterminate tube")
+
+
+def subject_of(result):
+    """The subject of a result: the manifest's ``subject_id``, else the file's stem."""
+    return result.get("subject_id") or Path(result["file"]).stem
+
+
+def _day_key(result):
+    day = result.get("study_day")
+    return (float(day) if isinstance(day, (int, float)) else float("inf"), Path(result["file"]).name)
+
+
+def screening_decisions(results):
+    """One eligibility row per subject from the screening tubes of a run.
+
+    Parameters
+    ----------
+    results : list of dict
+        Per-sample results (``analyze_file``); only those with an
+        ``eligibility`` block (screening visits) are used.
+
+    Returns
+    -------
+    list of dict
+        ``subject_id``, ``verdict``, ``value``, ``ci95``, ``events``, ``file``,
+        ``reasons``, ``criterion``, ``rule`` and ``tubes`` (every screening tube
+        with its verdict, in order).
+
+    Examples
+    --------
+    >>> rows = screening_decisions([{"file": "a.fcs", "subject_id": "S1", "study_day": -14, "eligibility":
+    ...     {"verdict": "indeterminate", "value": 5.5, "ci95": [3.6, 8.1], "events": 26, "reasons": ["x"],
+    ...      "criterion": "CD19+ B cells > 5 cells/uL"}}, {"file": "b.fcs", "subject_id": "S1", "study_day": -7,
+    ...     "eligibility": {"verdict": "eligible", "value": 6.9, "ci95": [5.4, 8.7], "events": 140, "reasons": ["y"],
+    ...      "criterion": "CD19+ B cells > 5 cells/uL"}}])
+    >>> rows[0]["verdict"], rows[0]["file"]
+    ('eligible', 'b.fcs')
+    """
+    by_subject = {}
+    for result in results:
+        if result.get("eligibility"):
+            by_subject.setdefault(subject_of(result), []).append(result)
+    rows = []
+    for subject, tubes in sorted(by_subject.items()):
+        tubes = sorted(tubes, key=_day_key)
+        valid = [t for t in tubes if t["eligibility"]["verdict"] != "qc_fail" and t.get("status", "ok") == "ok"]
+        deciding = valid[-1] if valid else tubes[-1]
+        decision = deciding["eligibility"]
+        reasons = list(decision.get("reasons") or [])
+        for other in tubes:
+            if other is deciding:
+                continue
+            verdict = other["eligibility"]["verdict"]
+            why = "failed QC, not used" if other not in valid else \
+                f"superseded by the later tube {Path(deciding['file']).name}"
+            reasons.append(f"{Path(other['file']).name} (day {other.get('study_day')}): {verdict}, {why}")
+        rows.append({
+            "subject_id": subject,
+            "verdict": decision["verdict"],
+            "value": decision.get("value"),
+            "ci95": decision.get("ci95"),
+            "events": decision.get("events"),
+            "file": deciding["file"],
+            "study_day": deciding.get("study_day"),
+            "reasons": reasons,
+            "criterion": decision.get("criterion"),
+            "rule": SCREENING_RULE,
+            "tubes": [{"file": t["file"], "study_day": t.get("study_day"), "verdict": t["eligibility"]["verdict"]}
+                      for t in tubes],
+        })
+    return rows
+
+
+@dataclass
+class AplasiaRule:
+    """A named, versioned definition of B-cell aplasia (recorded with results)."""
+
+    name: str = "absolute-count"
+    version: str = "1"
+    threshold_cells_per_ul: float = 1.0
+
+    @property
+    def definition(self):
+        return f"CD19+ B cells < {self.threshold_cells_per_ul:g} cells/uL after infusion (day > 0)"
+
+    def as_dict(self):
+        return {**asdict(self), "definition": self.definition}
+
+
+def _point(result):
+    populations = result.get("populations") or {}
+
+    def entry(name):
+        count = populations.get(name)
+        if not count:
+            return None
+        return {"cells_per_ul": count["cells_per_ul"], "ci95": count["ci95"], "below_lloq": count["below_lloq"],
+                "events": count["events"]}
+
+    return {"study_day": result.get("study_day"), "file": result["file"], "status": result.get("status", "ok"),
+            "car_t": entry("car_t"), "b_cells": entry("b_cells"), "qc_flags": list(result.get("qc_flags") or [])}
+
+
+def trapezoid_auc(days, values, start=0.0, end=28.0):
+    """Linear-trapezoid area under ``values`` over ``days`` in [start, end].
+
+    Only the observed visits inside the window are used (no extrapolation).
+
+    Examples
+    --------
+    >>> trapezoid_auc([0, 7, 14, 28], [0.0, 70.0, 70.0, 0.0])
+    1225.0
+    """
+    days = np.asarray(days, dtype=float)
+    values = np.asarray(values, dtype=float)
+    inside = (days >= start) & (days <= end)
+    days, values = days[inside], values[inside]
+    if days.size < 2:
+        return None
+    order = np.argsort(days)
+    days, values = days[order], values[order]
+    return float(np.sum((values[1:] + values[:-1]) / 2.0 * np.diff(days)))
+
+
+def kinetics(points, aplasia=None, auc_window=(0.0, 28.0)):
+    """Kinetic parameters of one subject's CAR+ T cells and B-cell aplasia.
+
+    Parameters
+    ----------
+    points : list of dict
+        Timeline points (``study_day``, ``car_t`` and ``b_cells`` entries with
+        ``cells_per_ul`` and ``below_lloq``), any order; points without a
+        numeric study day or with an error are skipped.
+    aplasia : AplasiaRule, optional
+    auc_window : (float, float)
+
+    Returns
+    -------
+    dict
+        ``cmax``, ``tmax_day``, ``auc_0_28``, ``clast``, ``tlast_day``,
+        ``persistence_last_visit``, ``aplasia_onset_day``,
+        ``aplasia_recovery_day``, ``aplasia_duration_days``,
+        ``aplasia_ongoing``, and the conventions used.
+
+    Examples
+    --------
+    >>> pts = [{"study_day": d, "car_t": {"cells_per_ul": v, "below_lloq": v < 5},
+    ...         "b_cells": {"cells_per_ul": b, "below_lloq": b < 5}}
+    ...        for d, v, b in [(0, 0, 40), (7, 60, 0), (14, 120, 0), (28, 30, 0.5), (84, 2, 3)]]
+    >>> k = kinetics(pts)
+    >>> k["cmax"], k["tmax_day"], k["auc_0_28"], k["tlast_day"], k["aplasia_onset_day"], k["aplasia_recovery_day"]
+    (120, 14, 1890.0, 28, 7, 84)
+    """
+    aplasia = aplasia or AplasiaRule()
+    usable = [p for p in points if isinstance(p.get("study_day"), (int, float)) and p.get("status", "ok") == "ok"]
+    usable.sort(key=lambda p: p["study_day"])
+    car = [(p["study_day"], p["car_t"]) for p in usable if p.get("car_t")]
+    quantifiable = [(day, c["cells_per_ul"]) for day, c in car if not c["below_lloq"]]
+    out = {"cmax": None, "tmax_day": None, "auc_0_28": None, "clast": None, "tlast_day": None,
+           "persistence_last_visit": None, "aplasia_onset_day": None, "aplasia_recovery_day": None,
+           "aplasia_duration_days": None, "aplasia_ongoing": False,
+           "conventions": {"below_lloq_in_auc": "taken as 0", "auc": "linear trapezoid over visits in "
+                           f"[{auc_window[0]:g}, {auc_window[1]:g}] days, no extrapolation",
+                           "cmax_tmax": "over quantifiable values (at or above LLOQ)"},
+           "aplasia_rule": aplasia.as_dict()}
+    if quantifiable:
+        day, value = max(quantifiable, key=lambda item: item[1])
+        out["cmax"], out["tmax_day"] = value, day
+        out["clast"], out["tlast_day"] = quantifiable[-1][1], quantifiable[-1][0]
+    if car:
+        days = [day for day, _ in car]
+        values = [0.0 if c["below_lloq"] else c["cells_per_ul"] for _, c in car]
+        out["auc_0_28"] = trapezoid_auc(days, values, *auc_window)
+        last_day, last = car[-1]
+        out["persistence_last_visit"] = {"study_day": last_day, "cells_per_ul": last["cells_per_ul"],
+                                         "below_lloq": last["below_lloq"],
+                                         "detected": bool(last.get("events", 1) >= 1 and last["cells_per_ul"] > 0)}
+    b_cells = [(p["study_day"], p["b_cells"]) for p in usable if p.get("b_cells") and p["study_day"] > 0]
+    threshold = aplasia.threshold_cells_per_ul
+    for day, b in b_cells:
+        if out["aplasia_onset_day"] is None and b["cells_per_ul"] < threshold:
+            out["aplasia_onset_day"] = day
+        elif out["aplasia_onset_day"] is not None and b["cells_per_ul"] >= threshold:
+            out["aplasia_recovery_day"] = day
+            break
+    if out["aplasia_onset_day"] is not None:
+        end = out["aplasia_recovery_day"]
+        if end is None:
+            out["aplasia_ongoing"] = True
+            end = b_cells[-1][0]
+        out["aplasia_duration_days"] = end - out["aplasia_onset_day"]
+    return out
+
+
+def persistence(results, aplasia=None):
+    """Per-subject timelines and kinetics from the CAR tubes of a run.
+
+    Returns
+    -------
+    list of dict
+        ``subject_id``, ``timeline`` (sorted by study day) and the fields of
+        :func:`kinetics`.
+    """
+    by_subject = {}
+    for result in results:
+        if result.get("panel") == "car" or (result.get("populations") or {}).get("car_t"):
+            by_subject.setdefault(subject_of(result), []).append(_point(result))
+    rows = []
+    for subject, points in sorted(by_subject.items()):
+        points.sort(key=lambda p: (p["study_day"] if isinstance(p["study_day"], (int, float)) else float("inf")))
+        rows.append({"subject_id": subject, "timeline": points, **kinetics(points, aplasia)})
+    return rows
+
+
+_FORMULA_START = ("=", "+", "-", "@")
+
+
+def safe_cell(value):
+    """A CSV cell a spreadsheet will not run: text starting with = + - @ gets a leading quote.
+
+    Numbers are left alone (a negative number is data, not a formula).
+
+    Examples
+    --------
+    >>> safe_cell("=HYPERLINK(1)"), safe_cell(-2.5), safe_cell("S01")
+    ("'=HYPERLINK(1)", -2.5, 'S01')
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(path_or_handle, columns, rows):
+    """Write rows (dicts) with the given ``(header, key)`` columns, neutralising formula cells."""
+    close = False
+    if isinstance(path_or_handle, (str, Path)):
+        handle = open(path_or_handle, "w", newline="")
+        close = True
+    else:
+        handle = path_or_handle
+    try:
+        writer = csv.writer(handle)
+        writer.writerow([header for header, _ in columns])
+        for row in rows:
+            writer.writerow([safe_cell(key(row) if callable(key) else row.get(key)) for _, key in columns])
+    finally:
+        if close:
+            handle.close()
+
+
+ELIGIBILITY_COLUMNS = [
+    ("subject_id", "subject_id"), ("verdict", "verdict"), ("b_cells_per_ul", "value"),
+    ("b_cells_ci95_low_per_ul", lambda r: r["ci95"][0] if r.get("ci95") else None),
+    ("b_cells_ci95_high_per_ul", lambda r: r["ci95"][1] if r.get("ci95") else None),
+    ("b_cell_events", "events"), ("study_day", "study_day"), ("file", "file"),
+    ("reasons", lambda r: " | ".join(r.get("reasons") or [])),
+]
+
+
+def _timeline_value(name, field):
+    def get(point):
+        entry = point.get(name)
+        if not entry:
+            return None
+        if field == "low":
+            return entry["ci95"][0]
+        if field == "high":
+            return entry["ci95"][1]
+        return entry[field]
+    return get
+
+
+PERSISTENCE_COLUMNS = [
+    ("subject_id", "subject_id"), ("study_day", "study_day"),
+    ("car_t_per_ul", _timeline_value("car_t", "cells_per_ul")),
+    ("car_t_ci95_low_per_ul", _timeline_value("car_t", "low")),
+    ("car_t_ci95_high_per_ul", _timeline_value("car_t", "high")),
+    ("car_t_below_lloq", _timeline_value("car_t", "below_lloq")),
+    ("b_cells_per_ul", _timeline_value("b_cells", "cells_per_ul")),
+    ("b_cells_below_lloq", _timeline_value("b_cells", "below_lloq")),
+    ("file", "file"), ("qc_flags", lambda p: " | ".join(p.get("qc_flags") or [])),
+]
+
+
+def persistence_csv_rows(subjects):
+    """One CSV row per visit (with its subject), for :data:`PERSISTENCE_COLUMNS`."""
+    return [{"subject_id": s["subject_id"], **point} for s in subjects for point in s["timeline"]]
+
+
+def kinetics_figure(subject):
+    """CAR+ T and CD19+ B cells over study days, log scale, with intervals, LLOQ and aplasia.
+
+    Parameters
+    ----------
+    subject : dict
+        A row of :func:`persistence`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    floor = 0.05  # where zero and < LLOQ values are drawn on a log axis
+    for ax, name, label, colour in ((axes[0], "car_t", "CAR+ T cells/uL", "tab:red"),
+                                    (axes[1], "b_cells", "CD19+ B cells/uL", "tab:blue")):
+        points = [p for p in subject["timeline"] if p.get(name) and isinstance(p.get("study_day"), (int, float))]
+        if not points:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+            continue
+        days = np.array([p["study_day"] for p in points], dtype=float)
+        values = np.array([max(p[name]["cells_per_ul"], floor) for p in points])
+        low = np.array([max(p[name]["ci95"][0], floor) for p in points])
+        high = np.array([max(p[name]["ci95"][1], floor) for p in points])
+        below = np.array([p[name]["below_lloq"] for p in points])
+        ax.errorbar(days, values, yerr=[values - low, high - values], fmt="-", color=colour, alpha=0.6, capsize=3)
+        ax.plot(days[~below], values[~below], "o", color=colour, label="quantifiable")
+        ax.plot(days[below], values[below], "o", mfc="white", color=colour, label="< LLOQ")
+        # LLOQ in cells/uL differs per tube (its own bead ratio): draw it per visit.
+        lloq = []
+        for p in points:
+            entry = p[name]
+            # cells/uL per event; with 0 events, from the exact upper bound (3.689 events).
+            per_event = entry["cells_per_ul"] / entry["events"] if entry["events"] else entry["ci95"][1] / 3.689
+            lloq.append(25 * per_event if per_event else np.nan)
+        ax.step(days, lloq, where="mid", color="0.5", ls="--", lw=1, label="LLOQ (25 events)")
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7, loc="best")
+    onset, recovery = subject.get("aplasia_onset_day"), subject.get("aplasia_recovery_day")
+    if onset is not None:
+        last = max(p["study_day"] for p in subject["timeline"] if isinstance(p.get("study_day"), (int, float)))
+        for ax in axes:
+            ax.axvspan(onset, recovery if recovery is not None else last, color="tab:blue", alpha=0.08,
+                       label="B-cell aplasia")
+    axes[1].set_xlabel("study day")
+    cmax = subject.get("cmax")
+    title = f"{subject['subject_id']}: Cmax {cmax:.3g}/uL on day {subject.get('tmax_day')}" if cmax else \
+        f"{subject['subject_id']}: no quantifiable CAR+ value"
+    if subject.get("auc_0_28") is not None:
+        title += f", AUC0-28 {subject['auc_0_28']:.4g} cells/uL x day"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_kinetics_figure(subject, out_dir):
+    """Write ``<subject>.kinetics.png`` (the name made file-safe) and return its path."""
+    import re
+
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(subject["subject_id"])).lstrip(".") or "subject"
+    target = out_dir / f"{safe}.kinetics.png"
+    fig = kinetics_figure(subject)
+    fig.savefig(target, dpi=90)
+    plt.close(fig)
+    return target
