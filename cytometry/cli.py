@@ -112,19 +112,20 @@ def _analyse_run(args):
     files = _collect_files(args.inputs, manifest)
     if not files:
         raise UsageError("no FCS files to analyse")
-    from .analysis import CarReferences
+    from .batch import default_workers, run_batch
 
-    references = CarReferences(manifest, options)
-    results = []
-    for path in files:
-        row = manifest.lookup(path) if manifest is not None else None
-        options = references.options_for(row)
-        wants_artifacts = getattr(args, "gating_plots", None) or getattr(args, "gatingml", None)
-        writer = (lambda gated, result: _write_artifacts(gated, args, result)) if wants_artifacts else None
-        result = analyze_file(path, row, options, on_gated=writer, raise_errors=args.debug)
+    def report_error(result):
         if result["status"] == "error":
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
-        results.append(result)
+
+    results = run_batch(files, manifest, options, store=getattr(args, "out", None),
+                        workers=getattr(args, "workers", None) or default_workers(),
+                        scheduler=getattr(args, "scheduler", None), keep_events=getattr(args, "store_events", False),
+                        plots_dir=getattr(args, "gating_plots", None), gatingml_dir=getattr(args, "gatingml", None),
+                        raise_errors=args.debug, on_result=report_error)
+    for result in results:  # samples already in the store are reported too
+        if result.get("skipped"):
+            report_error(result)
     return results
 
 
@@ -209,27 +210,6 @@ def cmd_persistence(args):
             print(f"  B-cell aplasia ({subject['aplasia_rule']['definition']}): from day {onset}, {end} "
                   f"({subject['aplasia_duration_days']} days)")
     return _exit_code(results)
-
-
-def _write_artifacts(gated, args, result):
-    """Gating figure and GatingML for one sample; a failure is a flag, not a lost result."""
-    from .analysis import export_gating
-
-    path = gated.sample.path
-    try:
-        if getattr(args, "gating_plots", None):
-            from .plots import save_gating_figure
-
-            result["gating_figure"] = str(save_gating_figure(gated, args.gating_plots))
-        if getattr(args, "gatingml", None):
-            out_dir = Path(args.gatingml)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            target = out_dir / f"{Path(path).stem}.gating.xml"
-            with open(target, "wb") as fh:
-                export_gating(gated, fh)
-            result["gatingml"] = str(target)
-    except Exception as exc:  # the counts stand; say what could not be written
-        result["qc_flags"].append(f"output: could not write figure/GatingML ({type(exc).__name__}: {exc})")
 
 
 def inspect_file(path):
@@ -321,7 +301,11 @@ def _add_run_options(command):
     command.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")
     command.add_argument("--lod-events", type=int, default=3, help="events below which a population is not detected")
     command.add_argument("--min-bead-events", type=int, default=1000, help="bead events below which a tube fails QC")
-    command.add_argument("--debug", action="store_true", help="show tracebacks")
+    command.add_argument("--workers", type=int, default=None,
+                         help="local worker processes (default: the number of cores)")
+    command.add_argument("--scheduler", metavar="ADDRESS",
+                         help="run the per-sample work on a Dask distributed cluster (address or scheduler file)")
+    command.add_argument("--debug", action="store_true", help="show tracebacks (runs in this process)")
 
 
 def build_parser():
@@ -335,6 +319,9 @@ def build_parser():
                          help="write a gating figure per sample (DIR/<file>.gating.png)")
     analyze.add_argument("--gatingml", metavar="DIR",
                          help="write each sample's automatic gates as GatingML 2.0 (DIR/<file>.gating.xml)")
+    analyze.add_argument("--out", metavar="STORE", help="results store folder: one HDF5 file per sample, written "
+                                                         "atomically; a re-run skips what is done")
+    analyze.add_argument("--store-events", action="store_true", help="also keep the transformed events in the store")
     analyze.set_defaults(func=cmd_analyze)
 
     eligibility = sub.add_parser("eligibility", help="screening verdict per subject (CD19+ B cells > 5 cells/uL)")

@@ -210,9 +210,10 @@ def test_unexpected_failure_is_one_sample_error(capsys, sample_dir, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(analysis, "auto_gate", flaky)
+    # --workers 1: the patched function lives in this process.
     code, out, err = run_cli(capsys, "analyze", sample_dir / "S01_screening_TBNK.fcs",
                              sample_dir / "S02_screening_TBNK.fcs", "--json", "--manifest",
-                             sample_dir / "manifest.csv")
+                             sample_dir / "manifest.csv", "--workers", "1")
     assert code == 1
     first, second = json.loads(out)["samples"]
     assert first["status"] == "error" and "unexpected ZeroDivisionError" in first["error"]

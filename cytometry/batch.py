@@ -1,0 +1,254 @@
+"""Running a whole central-lab run: local worker processes or a Dask cluster, one store writer.
+
+The per-sample work (:func:`analyze_one`) is a pure function of the file,
+its manifest row and the options, so it runs the same in this process, in
+local worker processes, or on a Dask ``distributed`` cluster; the driver
+alone writes the results store, as results arrive, so a crash loses only
+the samples in flight. Results come back in input order whatever the
+number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from .analysis import AnalysisOptions, CarReferences, analyze_file
+from .fcs import file_sha256
+from .store import ResultStore, gatingml_bytes, params_hash
+
+_REFERENCES = {}
+
+
+def _references(manifest, options):
+    """CarReferences, cached per worker process (the reference tube is gated once)."""
+    key = (id(manifest), params_hash(options))
+    if key not in _REFERENCES:
+        _REFERENCES.clear()
+        _REFERENCES[key] = CarReferences(manifest, options)
+    return _REFERENCES[key]
+
+
+def write_artifacts(gated, result, plots_dir=None, gatingml_dir=None):
+    """Gating figure and GatingML for one sample; a failure is a flag, not a lost result.
+
+    File names come from the FCS file's name on disk, never from keywords.
+    """
+    from .analysis import export_gating
+
+    path = gated.sample.path
+    try:
+        if plots_dir:
+            from .plots import save_gating_figure
+
+            result["gating_figure"] = str(save_gating_figure(gated, plots_dir))
+        if gatingml_dir:
+            out_dir = Path(gatingml_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            target = out_dir / f"{Path(path).stem}.gating.xml"
+            with open(target, "wb") as fh:
+                export_gating(gated, fh)
+            result["gatingml"] = str(target)
+    except Exception as exc:  # the counts stand; say what could not be written
+        result["qc_flags"].append(f"output: could not write figure/GatingML ({type(exc).__name__}: {exc})")
+
+
+def analyze_one(path, row, manifest, options, keep=False, keep_events=False, plots_dir=None, gatingml_dir=None,
+                raise_errors=False):
+    """Analyse one file; with ``keep`` also return what the store keeps.
+
+    ``plots_dir``/``gatingml_dir`` write a gating figure / GatingML file per
+    sample (on the machine that runs it). ``raise_errors`` is ``--debug``.
+
+    Returns
+    -------
+    (result, extras)
+        ``extras`` is ``None`` or a dict with ``masks``, ``gatingml``,
+        ``keywords`` and optionally ``events``.
+    """
+    sample_options = _references(manifest, options).options_for(row)
+    extras = {}
+
+    def keep_artifacts(gated, result):
+        if plots_dir or gatingml_dir:
+            write_artifacts(gated, result, plots_dir, gatingml_dir)
+        if not keep:
+            return
+        masks = {name: mask for name, mask in gated.gating.masks.items()}
+        extras.update(masks=masks, keywords=gated.sample.keywords)
+        try:
+            extras["gatingml"] = gatingml_bytes(gated)
+        except Exception as exc:  # the counts stand; say what could not be kept
+            result["qc_flags"].append(f"store: GatingML not written ({type(exc).__name__}: {exc})")
+        if keep_events:
+            extras["events"] = gated.data
+
+    wanted = keep or plots_dir or gatingml_dir
+    result = analyze_file(path, row, sample_options, on_gated=keep_artifacts if wanted else None,
+                          raise_errors=raise_errors)
+    return result, (extras or None)
+
+
+def _entry_params(path, row, references, options):
+    """The store key's parameter part: the options, plus the CAR reference file when one is used."""
+    base = params_hash(options)
+    candidate = references.candidates.get(row.text("subject_id")) if row is not None else None
+    if candidate is None or candidate[1] is row:
+        return base
+    reference_path = candidate[1].path
+    reference_sha = file_sha256(reference_path) if reference_path.exists() else "missing"
+    return hashlib.sha256(f"{base}:{reference_sha}".encode()).hexdigest()[:16]
+
+
+def _file_key(path):
+    path = Path(path)
+    try:
+        return file_sha256(path)
+    except OSError:
+        return hashlib.sha256(str(path).encode()).hexdigest()
+
+
+def run_batch(files, manifest=None, options=None, *, store=None, workers=1, scheduler=None, progress=None,
+              keep_events=False, on_result=None, plots_dir=None, gatingml_dir=None, raise_errors=False):
+    """Analyse ``files``; with a ``store``, skip what is done and write the rest as it finishes.
+
+    Parameters
+    ----------
+    files : list of Path
+    manifest : cytometry.manifest.Manifest, optional
+    options : AnalysisOptions, optional
+    store : str, Path or ResultStore, optional
+    workers : int
+        Local worker processes (1: in this process).
+    scheduler : str, optional
+        Address (``tcp://host:8786``) or scheduler-file path of a Dask
+        ``distributed`` cluster; the work runs there, the store is written here.
+    progress : bool, optional
+        Show a progress bar (default: when stderr is a terminal).
+    keep_events : bool
+        Also store the compensated, transformed events.
+    on_result : callable, optional
+        Called with each result as it arrives.
+    plots_dir, gatingml_dir : str, optional
+        Write a gating figure / GatingML file per sample there.
+    raise_errors : bool
+        Raise on the first failing sample (``--debug``; runs in this process).
+
+    Returns
+    -------
+    list of dict
+        One result per file, in the order of ``files``; skipped samples
+        come from the store (with ``"skipped": true``).
+
+    Examples
+    --------
+    >>> results = run_batch(sorted(Path("sample_fcs").glob("*.fcs")), read_manifest("sample_fcs/manifest.csv"),
+    ...                     store="run.store", workers=2)  # doctest: +SKIP
+    """
+    options = options or AnalysisOptions()
+    if store is not None and not isinstance(store, ResultStore):
+        store = ResultStore(store)
+    references = CarReferences(manifest, options)
+    rows = [manifest.lookup(path) if manifest is not None else None for path in files]
+    results = [None] * len(files)
+    pending = []
+    keys = {}
+    if store is not None:
+        done = {entry.stem: entry for entry in store.entries()}
+        for index, (path, row) in enumerate(zip(files, rows)):
+            key = (_file_key(path), _entry_params(path, row, references, options))
+            keys[index] = key
+            entry = done.get(f"{key[0]}-{key[1]}")
+            if entry is not None:
+                result = store.results_for(entry)
+                result["skipped"] = True
+                results[index] = result
+                continue
+            pending.append(index)
+    else:
+        pending = list(range(len(files)))
+    keep = store is not None
+    bar = _progress(len(pending), progress)
+
+    def finish(index, outcome):
+        result, extras = outcome
+        if store is not None:
+            extras = extras or {}
+            store.write(result, keys[index][1], masks=extras.get("masks"), gatingml=extras.get("gatingml"),
+                        keywords=extras.get("keywords"), events=extras.get("events"))
+        results[index] = result
+        if on_result is not None:
+            on_result(result)
+        bar.update(1)
+
+    extra = (keep, keep_events, plots_dir, gatingml_dir)
+    try:
+        if scheduler and not raise_errors:
+            _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish)
+        elif workers > 1 and len(pending) > 1 and not raise_errors:
+            _run_local(workers, files, rows, manifest, options, extra, pending, finish)
+        else:
+            for index in pending:
+                finish(index, analyze_one(files[index], rows[index], manifest, options, *extra,
+                                          raise_errors=raise_errors))
+    finally:
+        bar.close()
+    return results
+
+
+def _run_local(workers, files, rows, manifest, options, extra, pending, finish):
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra): i for i in pending}
+        for future in as_completed(futures):
+            finish(futures[future], future.result())
+
+
+def _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish):
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError:
+        raise RuntimeError("--scheduler needs dask.distributed: pip install 'cytometry-counts[dask]'") from None
+    if os.path.isfile(scheduler):
+        client = Client(scheduler_file=scheduler)
+    else:
+        client = Client(scheduler)
+    try:
+        futures = {}
+        for i in pending:
+            future = client.submit(analyze_one, str(files[i]), rows[i], manifest, options, *extra, pure=False)
+            futures[future] = i
+        for future in as_completed(list(futures)):
+            finish(futures[future], future.result())
+    finally:
+        client.close()
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, progress):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress or total == 0:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="tube", file=sys.stderr)
+
+
+def default_workers():
+    """One worker per core (the default of ``--workers``)."""
+    return max(1, os.cpu_count() or 1)
+
+
+__all__ = ["run_batch", "analyze_one", "default_workers", "write_artifacts"]
