@@ -149,10 +149,38 @@ def _ci_text(ci):
     return f"[{ci[0]:.3g}-{ci[1]:.3g}]" if ci else ""
 
 
+def _subject_results(args):
+    """Per-sample results for the subject commands: from a store, or by analysing the files."""
+    if getattr(args, "store", None):
+        if args.inputs:
+            raise UsageError("give FCS files or --store, not both")
+        return _store_results(args.store)
+    if not args.inputs:
+        raise UsageError("give FCS files (with --manifest) or --store STORE")
+    return _analyse_run(args)
+
+
+def _store_results(path):
+    from .store import ResultStore
+
+    if not (Path(path) / "samples").is_dir():
+        raise UsageError(f"{path}: not a results store (no samples/ folder)")
+    return ResultStore(path).results()
+
+
+def cmd_report(args):
+    from .report import write_report
+
+    _store_results(args.store)  # a clear error for a path that is not a store
+    target = write_report(args.store, args.out, thumbnails=not args.no_thumbnails)
+    print(f"report written to {target}")
+    return EXIT_OK
+
+
 def cmd_eligibility(args):
     from .subjects import ELIGIBILITY_COLUMNS, screening_decisions, write_csv
 
-    results = _analyse_run(args)
+    results = _subject_results(args)
     rows = screening_decisions(results)
     if args.csv:
         write_csv(args.csv, ELIGIBILITY_COLUMNS, rows)
@@ -176,7 +204,7 @@ def cmd_persistence(args):
     from .subjects import (PERSISTENCE_COLUMNS, AplasiaRule, persistence, persistence_csv_rows,
                            save_kinetics_figure, write_csv)
 
-    results = _analyse_run(args)
+    results = _subject_results(args)
     subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold))
     if args.plots:
         for subject in subjects:
@@ -280,9 +308,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _add_run_options(command):
+def _add_run_options(command, from_store=False):
     """Inputs and counting options shared by analyze, eligibility and persistence."""
-    command.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="FCS files or directories of them")
+    command.add_argument("inputs", nargs="*" if from_store else "+", metavar="FILE_OR_DIR",
+                         help="FCS files or directories of them")
+    if from_store:
+        command.add_argument("--store", metavar="STORE", help="read the results of an earlier "
+                                                             "`cytometry analyze --out STORE` instead of FCS files")
     command.add_argument("--manifest", help="sample sheet CSV (file, subject_id, visit, study_day, tube, "
                                             "beads_per_test, sample_volume_ul)")
     command.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -325,17 +357,24 @@ def build_parser():
     analyze.set_defaults(func=cmd_analyze)
 
     eligibility = sub.add_parser("eligibility", help="screening verdict per subject (CD19+ B cells > 5 cells/uL)")
-    _add_run_options(eligibility)
+    _add_run_options(eligibility, from_store=True)
     eligibility.add_argument("--csv", metavar="FILE", help="also write the table as CSV (units in column names)")
     eligibility.set_defaults(func=cmd_eligibility)
 
     kinetics = sub.add_parser("persistence", help="CAR+ T kinetics and B-cell aplasia per subject")
-    _add_run_options(kinetics)
+    _add_run_options(kinetics, from_store=True)
     kinetics.add_argument("--aplasia-threshold", type=float, default=1.0,
                           help="B-cell aplasia: CD19+ B cells below this many cells/uL (default 1)")
     kinetics.add_argument("--plots", metavar="DIR", help="write a kinetics plot per subject (DIR/<subject>.kinetics.png)")
     kinetics.add_argument("--csv", metavar="FILE", help="also write the timelines as CSV (units in column names)")
     kinetics.set_defaults(func=cmd_persistence)
+
+    report = sub.add_parser("report", help="write a self-contained HTML QC report of a results store")
+    report.add_argument("store", metavar="STORE")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for report.html")
+    report.add_argument("--no-thumbnails", action="store_true", help="skip the gating figures (faster)")
+    report.add_argument("--debug", action="store_true")
+    report.set_defaults(func=cmd_report)
 
     inspect = sub.add_parser("inspect", help="show what an FCS file holds before analysing it")
     inspect.add_argument("file")
