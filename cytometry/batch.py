@@ -197,10 +197,20 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     return results
 
 
+def _single_threaded():
+    """Worker initialiser: one BLAS/OpenMP thread per process, so N workers use N cores, not N²."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+
+
 def _run_local(workers, files, rows, manifest, options, extra, pending, finish):
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
         futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra): i for i in pending}
         for future in as_completed(futures):
             finish(futures[future], future.result())

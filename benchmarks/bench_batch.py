@@ -1,0 +1,131 @@
+"""End-to-end batch throughput: simulated 100,000-event tubes into a results store.
+
+Prints tubes per minute with 1 and 2 local workers (store writes included),
+the median per-stage times of one tube (load, compensate + transform, gate,
+count + QC, store write), and, measured in the same run on a few tubes, the
+peer a Python user would assemble today: flowkit load + compensation +
+logicle, then FlowSOM (10x10 grid, 20 metaclusters) per tube.
+
+Targets (issue 6, 2-core machine): at least 10x faster per tube than the
+peer, and at least 200 tubes/min with 2 workers.
+
+    python benchmarks/bench_batch.py [--tubes 200] [--peer-tubes 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cytometry.analysis import AnalysisOptions, analyze_gated, gate_file, prepare_events  # noqa: E402
+from cytometry.batch import run_batch  # noqa: E402
+from cytometry.fcs import read_fcs  # noqa: E402
+from cytometry.panel import resolve_panel  # noqa: E402
+from cytometry.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
+from cytometry.store import ResultStore, gatingml_bytes, params_hash  # noqa: E402
+from gating import auto_gate  # noqa: E402
+
+
+def make_tubes(folder, n, events):
+    paths = []
+    for i in range(n):
+        panel = "car" if i % 4 == 3 else "tbnk"
+        conc = default_concentrations(panel, car_t=40.0) if panel == "car" else \
+            default_concentrations("tbnk", b_cells=5.0 + 3 * (i % 40))
+        per_ul = sum(v for k, v in conc.items() if k in ("granulocytes", "monocytes", "lymphocytes", "dead_cells"))
+        tube = simulate_tube(panel, seed=10_000 + i, concentrations=conc, blood_volume_ul=events / (per_ul + 1070))
+        paths.append(write_tube(tube, Path(folder) / f"tube{i:04d}.fcs"))
+    return paths
+
+
+def stage_times(path, options, store):
+    times = {}
+    start = time.perf_counter()
+    sample = read_fcs(path)
+    times["load (flowkit)"] = time.perf_counter() - start
+    panel = resolve_panel(sample.pnn, sample.pns)
+    start = time.perf_counter()
+    data, channels = prepare_events(sample, panel, sample.spillover)
+    times["compensate + transform"] = time.perf_counter() - start
+    start = time.perf_counter()
+    gating = auto_gate(data, channels, panel.name, params=options.gating)
+    times["gate"] = time.perf_counter() - start
+    gated = gate_file(path, options)  # the same object the pipeline keeps (not timed)
+    gated.gating = gating
+    start = time.perf_counter()
+    result = analyze_gated(gated, None, options)
+    times["count + QC"] = time.perf_counter() - start
+    start = time.perf_counter()
+    store.write(result, params_hash(options), masks=gating.masks, gatingml=gatingml_bytes(gated),
+                keywords=sample.keywords)
+    times["store (masks + GatingML)"] = time.perf_counter() - start
+    return times
+
+
+def peer_seconds(path):
+    import flowkit as fk
+    from flowsom.models import FlowSOMEstimator
+
+    start = time.perf_counter()
+    sample = fk.Sample(str(path), subsample=0)
+    sample.apply_compensation(sample.metadata["spillover"])
+    fluorescence = [label for label in sample.pnn_labels if label not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
+    transform = fk.transforms.LogicleTransform(param_t=262144, param_w=0.5, param_m=4.5, param_a=0)
+    sample.apply_transform({label: transform for label in fluorescence})
+    events = sample.get_events(source="xform")
+    FlowSOMEstimator(xdim=10, ydim=10, n_clusters=20, seed=1).fit_predict(events)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tubes", type=int, default=200)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--peer-tubes", type=int, default=5)
+    args = parser.parse_args(argv)
+    options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        print(f"simulating {args.tubes} tubes of ~{args.events:,} events ...", flush=True)
+        tubes = make_tubes(scratch / "fcs", args.tubes, args.events)
+        rates = {}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            results = run_batch(tubes, None, options, store=scratch / f"store{workers}", workers=workers,
+                                progress=False)
+            elapsed = time.perf_counter() - start
+            failed = sum(r["status"] != "ok" for r in results)
+            rates[workers] = (len(tubes) / elapsed * 60, elapsed / len(tubes), failed)
+        store = ResultStore(scratch / "stages")
+        stages = [stage_times(path, options, store) for path in tubes[:20]]
+        medians = {name: statistics.median(s[name] for s in stages) for name in stages[0]}
+        peer = []
+        try:
+            peer = [peer_seconds(path) for path in tubes[:args.peer_tubes]]
+        except ImportError:
+            pass
+    print(f"\nend to end into the store ({args.tubes} tubes, ~{args.events:,} events each)")
+    for workers, (per_minute, per_tube, failed) in rates.items():
+        print(f"  {workers} worker{'s' if workers > 1 else ' '}: {per_minute:7.1f} tubes/min  "
+              f"({per_tube * 1000:6.1f} ms per tube wall clock, {failed} failed)")
+    print("\nper-stage medians over 20 tubes (1 process)")
+    for name, seconds in medians.items():
+        print(f"  {name:28s} {seconds * 1000:8.1f} ms")
+    print(f"  {'total':28s} {sum(medians.values()) * 1000:8.1f} ms")
+    if peer:
+        peer_median = statistics.median(peer)
+        ours = rates[1][1]
+        print(f"\npeer: flowkit load+comp+logicle + FlowSOM 10x10/20, median of {len(peer)} tubes: "
+              f"{peer_median * 1000:.0f} ms per tube")
+        print(f"ours (1 worker, end to end incl. store) / peer: {peer_median / ours:.1f}x faster per tube")
+    else:
+        print("\npeer not measured (pip install -r benchmarks/requirements.txt)")
+
+
+if __name__ == "__main__":
+    main()
