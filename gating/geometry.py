@@ -113,6 +113,12 @@ def axis_values(data, channels, dimension):
 def points_in_polygon(x, y, vertices):
     """Even–odd point-in-polygon test (vectorised over points)."""
     vertices = np.asarray(vertices, dtype=np.float64)
+    result = np.zeros(x.shape, dtype=bool)
+    # Only points inside the bounding box can be inside (most events are not).
+    box = ((x >= vertices[:, 0].min()) & (x <= vertices[:, 0].max()) &
+           (y >= vertices[:, 1].min()) & (y <= vertices[:, 1].max()))
+    candidates = np.flatnonzero(box)
+    x, y = x[candidates], y[candidates]
     inside = np.zeros(x.shape, dtype=bool)
     x0, y0 = vertices[-1]
     for x1, y1 in vertices:
@@ -121,7 +127,8 @@ def points_in_polygon(x, y, vertices):
             at_x = (x0 - x1) * (y - y1) / (y0 - y1) + x1
         inside ^= crosses & (x < at_x)
         x0, y0 = x1, y1
-    return inside
+    result[candidates] = inside
+    return result
 
 
 def gate_contains(gate, data, channels, masks):
