@@ -411,6 +411,8 @@ def gate_file(path, options=None):
         if key not in panel.scatter:
             raise SampleError(f"no {key} channel found (channels: {', '.join(sample.pnn)})")
     flags = []
+    if sample.dropped_events:
+        flags.append(f"events: {sample.dropped_events} events with NaN or infinite values dropped")
     if options.compensation:
         spillover = read_compensation_csv(options.compensation, sample.pnn)
     else:

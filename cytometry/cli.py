@@ -401,6 +401,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("cytometry: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return EXIT_OK
     except Exception as exc:  # last resort: one line unless --debug
         if getattr(args, "debug", False):
             raise

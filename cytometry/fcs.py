@@ -70,6 +70,9 @@ class FcsSample:
     spillover : Spillover or None
     vol_nl : float or None
         ``$VOL``: nanolitres of sample analysed (FCS 3.1), when present.
+    dropped_events : int
+        Events dropped because they held NaN or infinite values (at most 1%
+        of the file; more and the file is refused).
     """
 
     path: Path
@@ -83,6 +86,7 @@ class FcsSample:
     keywords: dict = field(repr=False)
     spillover: Spillover | None = None
     vol_nl: float | None = None
+    dropped_events: int = 0
 
     @property
     def n_events(self):
@@ -193,7 +197,96 @@ def find_spillover(keywords, pnn):
     return None
 
 
-def read_fcs(path):
+#: Files claiming more events than this are refused before anything is read (configurable).
+DEFAULT_MAX_EVENTS = 50_000_000
+_MAX_TEXT_BYTES = 16 << 20
+
+
+def _text_keywords(text):
+    """Keywords of an FCS TEXT segment (delimiter = first byte; doubled delimiters escape it)."""
+    if not text:
+        return {}
+    delimiter = text[0]
+    body = text[1:]
+    fields, current, i = [], [], 0
+    while i < len(body):
+        ch = body[i]
+        if ch == delimiter:
+            if i + 1 < len(body) and body[i + 1] == delimiter:
+                current.append(ch)
+                i += 2
+                continue
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    if current:
+        fields.append("".join(current))
+    return {fields[k].strip().lstrip("$").lower(): fields[k + 1] for k in range(0, len(fields) - 1, 2)}
+
+
+def check_header(path, max_events=DEFAULT_MAX_EVENTS):
+    """Refuse, before anything large is read, a file whose own numbers cannot be right.
+
+    Reads only the 58-byte HEADER and the TEXT segment (at most 16 MiB) and
+    checks that the segments lie inside the file, that ``$TOT``/``$PAR`` are
+    numbers within limits, and that the DATA segment they imply fits in the
+    file. A crafted file claiming 10^12 events is refused here, so reading
+    never allocates more than a small multiple of the file's real size.
+
+    Raises
+    ------
+    FcsError
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        header = fh.read(58)
+        if len(header) < 58:
+            raise FcsError(path, f"truncated: {size} bytes, shorter than an FCS header")
+        try:
+            text_start, text_end, data_start, data_end = (int(header[10 + 8 * k:18 + 8 * k].strip() or 0)
+                                                          for k in range(4))
+        except ValueError:
+            raise FcsError(path, "HEADER offsets are not numbers") from None
+        if not (0 < text_start <= text_end < size):
+            raise FcsError(path, f"HEADER places TEXT at bytes {text_start}-{text_end} of a {size}-byte file")
+        if text_end - text_start + 1 > _MAX_TEXT_BYTES:
+            raise FcsError(path, f"TEXT segment of {text_end - text_start + 1} bytes is implausibly large")
+        fh.seek(text_start)
+        text = fh.read(text_end - text_start + 1).decode("latin-1")
+    keywords = _text_keywords(text)
+    try:
+        events = int(keywords.get("tot", "").strip())
+        parameters = int(keywords.get("par", "").strip())
+    except ValueError:
+        raise FcsError(path, f"$TOT ({keywords.get('tot')!r}) or $PAR ({keywords.get('par')!r}) is not a number") \
+            from None
+    if events < 0 or parameters <= 0 or parameters > 10_000:
+        raise FcsError(path, f"implausible $TOT={events} or $PAR={parameters}")
+    if events > max_events:
+        raise FcsError(path, f"claims {events} events, more than the limit of {max_events} (raise it with "
+                             f"max_events if the file is genuine)")
+    datatype = keywords.get("datatype", "").strip().upper()
+    if datatype in ("F", "D"):
+        bits = parameters * (32 if datatype == "F" else 64)
+    else:
+        try:
+            bits = sum(int(keywords.get(f"p{i}b", "0").strip()) for i in range(1, parameters + 1))
+        except ValueError:
+            raise FcsError(path, "a $PnB keyword is not a number") from None
+    needed = events * bits // 8
+    begin = int(keywords.get("begindata", "0").strip() or 0) if keywords.get("begindata", "").strip().isdigit() \
+        else 0
+    start = data_start or begin
+    if needed > size - max(start, 0):
+        raise FcsError(path, f"truncated or inconsistent: $TOT={events} x $PAR={parameters} needs {needed} bytes "
+                             f"of DATA but the file has {max(size - start, 0)} after byte {start}")
+    return keywords
+
+
+def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
     """Load an FCS file with flowkit into an :class:`FcsSample`.
 
     Parameters
@@ -231,6 +324,7 @@ def read_fcs(path):
         magic = fh.read(6)
     if not magic.startswith(b"FCS"):
         raise FcsError(path, "not an FCS file (header does not start with 'FCS')")
+    check_header(path, max_events)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -240,6 +334,13 @@ def read_fcs(path):
         raise FcsError(path, f"cannot be read as FCS: {_describe(exc)}") from exc
     if events.ndim != 2 or events.shape[0] == 0:
         raise FcsError(path, "contains no events")
+    finite = np.isfinite(events).all(axis=1)
+    dropped = int((~finite).sum())
+    if dropped:
+        if dropped > 0.01 * events.shape[0]:
+            raise FcsError(path, f"{dropped} of {events.shape[0]} events hold NaN or infinite values")
+        # A few corrupt events: dropped, and said so (FcsSample.dropped_events, a QC flag).
+        events = events[finite]
     keywords = {str(k).lower().lstrip("$"): str(v) for k, v in flow.metadata.items()}
     pnn = [str(x) for x in flow.pnn_labels]
     pns = [("" if x is None else str(x).strip()) for x in flow.pns_labels]
@@ -271,6 +372,7 @@ def read_fcs(path):
         keywords=keywords,
         spillover=spillover,
         vol_nl=vol_nl,
+        dropped_events=dropped,
     )
 
 

@@ -86,7 +86,7 @@ def test_bad_files_are_reported_and_the_batch_goes_on(capsys, sample_dir, tmp_pa
     samples = {s["file"].split("/")[-1]: s for s in json.loads(out)["samples"]}
     assert samples["S01_screening_TBNK.fcs"]["status"] == "ok"
     assert samples["S02_screening_TBNK.fcs"]["status"] == "ok"
-    expected = {"empty.fcs": "empty", "truncated.fcs": "cannot be read", "notes.fcs": "not an FCS file",
+    expected = {"empty.fcs": "empty", "truncated.fcs": "truncated", "notes.fcs": "not an FCS file",
                 "no_cd19.fcs": "CD19 not found"}
     for name, problem in expected.items():
         sample = samples[name]

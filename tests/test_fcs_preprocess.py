@@ -68,7 +68,8 @@ def test_logicle_matches_flowkit_transform():
 @pytest.mark.parametrize("content,problem", [
     (b"", "empty"),
     (b"hello, this is a text file\n", "not an FCS file"),
-    (b"FCS3.1    " + b"0" * 40, "cannot be read"),
+    (b"FCS3.1    " + b"0" * 40, "truncated"),
+    (b"FCS3.1    " + b"0" * 48, "HEADER places TEXT"),
 ])
 def test_bad_files_give_one_line_error(tmp_path, content, problem):
     path = tmp_path / "bad.fcs"
