@@ -410,7 +410,7 @@ def gate_file(path, options=None):
     for key in ("FSC-A", "SSC-A"):
         if key not in panel.scatter:
             raise SampleError(f"no {key} channel found (channels: {', '.join(sample.pnn)})")
-    flags = []
+    flags = list(sample.read_notes)
     if sample.dropped_events:
         flags.append(f"events: {sample.dropped_events} events with NaN or infinite values dropped")
     if options.compensation:

@@ -87,6 +87,7 @@ class FcsSample:
     spillover: Spillover | None = None
     vol_nl: float | None = None
     dropped_events: int = 0
+    read_notes: list = field(default_factory=list)
 
     @property
     def n_events(self):
@@ -325,10 +326,24 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
     if not magic.startswith(b"FCS"):
         raise FcsError(path, "not an FCS file (header does not start with 'FCS')")
     check_header(path, max_events)
+    notes = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flow = fk.Sample(str(path), subsample=0)
+            try:
+                flow = fk.Sample(str(path), subsample=0)
+            except Exception as exc:
+                if type(exc).__name__ == "DataOffsetDiscrepancyError":
+                    flow = fk.Sample(str(path), subsample=0, ignore_offset_discrepancy=True)
+                    notes.append("file: HEADER and TEXT data offsets disagree; read with the HEADER's")
+                elif "off by 1" in str(exc):
+                    # Some instruments (e.g. Miltenyi FCS 3.1) write a data offset one byte
+                    # off; flowio reads them when told to, and the result says so.
+                    flow = fk.Sample(str(path), subsample=0, ignore_offset_error=True)
+                    notes.append("file: data offset off by 1 byte in the file (a known instrument quirk); "
+                                 "read anyway, review the events")
+                else:
+                    raise
             events = np.asarray(flow.get_events(source="raw"), dtype=np.float64)
     except Exception as exc:  # flowio/flowkit raise many types; all mean "unreadable"
         raise FcsError(path, f"cannot be read as FCS: {_describe(exc)}") from exc
@@ -353,7 +368,10 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
     try:
         spillover = find_spillover(keywords, pnn)
     except ValueError as exc:
-        raise FcsError(path, str(exc)) from exc
+        # The events are fine; the matrix is not. Say so, and let a supplied
+        # --compensation matrix (or nothing: a flagged, qc_fail result) take over.
+        spillover = None
+        notes.append(f"compensation: the file's spillover keyword is unusable ({exc})")
     vol_nl = None
     if keywords.get("vol", "").strip():
         try:
@@ -373,6 +391,7 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
         spillover=spillover,
         vol_nl=vol_nl,
         dropped_events=dropped,
+        read_notes=notes,
     )
 
 
