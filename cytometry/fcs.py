@@ -278,8 +278,10 @@ def check_header(path, max_events=DEFAULT_MAX_EVENTS):
         except ValueError:
             raise FcsError(path, "a $PnB keyword is not a number") from None
     needed = events * bits // 8
-    begin = int(keywords.get("begindata", "0").strip() or 0) if keywords.get("begindata", "").strip().isdigit() \
-        else 0
+    try:  # ("¹518".isdigit() is True, yet int() refuses it: parse, don't test)
+        begin = int(keywords.get("begindata", "0").strip() or 0)
+    except ValueError:
+        begin = 0
     start = data_start or begin
     if needed > size - max(start, 0):
         raise FcsError(path, f"truncated or inconsistent: $TOT={events} x $PAR={parameters} needs {needed} bytes "

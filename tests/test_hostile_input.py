@@ -118,3 +118,13 @@ def test_nan_events_dropped_with_a_flag_or_refused(tmp_path):
     bad = write_tube(many, tmp_path / "many_inf.fcs")
     with pytest.raises(FcsError, match="NaN or infinite"):
         read_fcs(bad)
+
+
+def test_fuzz_finding_unicode_digit_offset(tmp_path):
+    """Found by benchmarks/fuzz_campaign.py: a $BEGINDATA of '¹518' ("digit" to str.isdigit, not to int)."""
+    path = tmp_path / "superscript.fcs"
+    keywords = dict(BASE, PAR="2", TOT="3")
+    data = minimal_fcs(keywords, np.arange(6, dtype="<f4").tobytes()).decode("latin-1")
+    data = data.replace("$BEGINDATA/", "$BEGINDATA/\u00b9", 1)
+    path.write_bytes(data.encode("latin-1"))
+    outcome(path)
