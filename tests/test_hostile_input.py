@@ -128,3 +128,25 @@ def test_fuzz_finding_unicode_digit_offset(tmp_path):
     data = data.replace("$BEGINDATA/", "$BEGINDATA/\u00b9", 1)
     path.write_bytes(data.encode("latin-1"))
     outcome(path)
+
+
+def test_keywords_and_ids_never_become_paths(tmp_path):
+    """A crafted $FIL or subject ID cannot choose where outputs are written."""
+    from cytometry.cli import main
+
+    tube = simulate_tube("car", seed=9, blood_volume_ul=1.0)
+    tube.metadata["$FIL"] = "../../escaped.fcs"
+    tube.metadata["TUBE NAME"] = "../../../etc/x"
+    fcs = write_tube(tube, tmp_path / "in" / "tube.fcs")
+    manifest = tmp_path / "in" / "manifest.csv"
+    manifest.write_text("file,subject_id,visit,study_day,tube,beads_per_test,sample_volume_ul\n"
+                        "tube.fcs,../../evil,d7,7,CAR,50000,50\n")
+    out = tmp_path / "out"
+    assert main(["analyze", str(fcs), "--manifest", str(manifest), "--plots", str(out / "plots"),
+                 "--gatingml", str(out / "gml"), "--out", str(out / "store"), "--workers", "1", "--json"]) == 0
+    assert main(["persistence", "--store", str(out / "store"), "--plots", str(out / "kinetics"), "--json"]) == 0
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
+    assert written <= {"in", "out"}
+    assert not (tmp_path.parent / "escaped.fcs").exists() and not (tmp_path.parent / "evil.kinetics.png").exists()
+    [kinetics] = list((out / "kinetics").iterdir())  # the ID is made file-safe: "../../evil" -> "_.._evil"
+    assert kinetics.name == "_.._evil.kinetics.png" and kinetics.parent == out / "kinetics"
