@@ -198,6 +198,9 @@ def find_spillover(keywords, pnn):
     return None
 
 
+#: Byte orders the reader decodes; any other is refused rather than guessed.
+SUPPORTED_BYTE_ORDERS = ("1,2,3,4", "4,3,2,1", "1,2", "2,1")
+
 #: Files claiming more events than this are refused before anything is read (configurable).
 DEFAULT_MAX_EVENTS = 50_000_000
 _MAX_TEXT_BYTES = 16 << 20
@@ -269,6 +272,10 @@ def check_header(path, max_events=DEFAULT_MAX_EVENTS):
     if events > max_events:
         raise FcsError(path, f"claims {events} events, more than the limit of {max_events} (raise it with "
                              f"max_events if the file is genuine)")
+    byte_order = keywords.get("byteord", "").strip().replace(" ", "")
+    if byte_order not in SUPPORTED_BYTE_ORDERS:
+        # flowio would silently fall back to the machine's own order: wrong numbers, no error.
+        raise FcsError(path, f"unsupported $BYTEORD {byte_order!r} (readable: {', '.join(SUPPORTED_BYTE_ORDERS)})")
     datatype = keywords.get("datatype", "").strip().upper()
     if datatype in ("F", "D"):
         bits = parameters * (32 if datatype == "F" else 64)
@@ -360,6 +367,10 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
         events = events[finite]
     keywords = {str(k).lower().lstrip("$"): str(v) for k, v in flow.metadata.items()}
     pnn = [str(x) for x in flow.pnn_labels]
+    duplicates = sorted({name for name in pnn if pnn.count(name) > 1})
+    if duplicates:
+        # Markers are found by $PnS, but a duplicated $PnN makes a channel ambiguous to name.
+        notes.append(f"file: duplicate channel names {', '.join(duplicates)}; the first of each is used")
     pns = [("" if x is None else str(x).strip()) for x in flow.pns_labels]
     ranges = []
     for i in range(len(pnn)):

@@ -150,3 +150,27 @@ def test_keywords_and_ids_never_become_paths(tmp_path):
     assert not (tmp_path.parent / "escaped.fcs").exists() and not (tmp_path.parent / "evil.kinetics.png").exists()
     [kinetics] = list((out / "kinetics").iterdir())  # the ID is made file-safe: "../../evil" -> "_.._evil"
     assert kinetics.name == "_.._evil.kinetics.png" and kinetics.parent == out / "kinetics"
+
+
+@pytest.mark.parametrize("datatype,byteord,dtype,bits", [("F", "1,2,3,4", "<f4", 32), ("F", "4,3,2,1", ">f4", 32),
+                                                         ("D", "1,2,3,4", "<f8", 64), ("D", "4,3,2,1", ">f8", 64),
+                                                         ("I", "1,2,3,4", "<u2", 16), ("I", "4,3,2,1", ">u2", 16),
+                                                         ("I", "1,2", "<u2", 16), ("I", "2,1", ">u2", 16)])
+def test_datatypes_and_byte_orders(tmp_path, datatype, byteord, dtype, bits):
+    values = np.array([[1, 2], [300, 4000], [65000, 7]], dtype=float)
+    keywords = dict(BASE, PAR="2", TOT="3", DATATYPE=datatype, BYTEORD=byteord, P1B=str(bits), P2B=str(bits),
+                    P1R="65536", P2R="65536")
+    path = tmp_path / f"{datatype}{dtype}.fcs"
+    path.write_bytes(minimal_fcs(keywords, values.astype(dtype).tobytes()))
+    sample = read_fcs(path)
+    np.testing.assert_allclose(sample.events, values)
+    assert sample.datatype == datatype
+
+
+@pytest.mark.parametrize("byteord", ["8,7,6,5,4,3,2,1", "3,4,1,2", "big"])
+def test_unsupported_byte_order_is_refused_not_guessed(tmp_path, byteord):
+    keywords = dict(BASE, PAR="2", TOT="3", DATATYPE="D", BYTEORD=byteord, P1B="64", P2B="64")
+    path = tmp_path / "order.fcs"
+    path.write_bytes(minimal_fcs(keywords, np.ones(6, ">f8").tobytes()))
+    with pytest.raises(FcsError, match="unsupported \\$BYTEORD"):
+        read_fcs(path)
