@@ -22,13 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.analysis import AnalysisOptions, analyze_gated, gate_file, prepare_events  # noqa: E402
+from bench_gating import stage_times as gating_stage_times  # noqa: E402  (same folder)
+from cytometry.analysis import AnalysisOptions  # noqa: E402
 from cytometry.batch import run_batch  # noqa: E402
-from cytometry.fcs import read_fcs  # noqa: E402
-from cytometry.panel import resolve_panel  # noqa: E402
 from cytometry.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
 from cytometry.store import ResultStore, gatingml_bytes, params_hash  # noqa: E402
-from gating import auto_gate  # noqa: E402
 
 
 def make_tubes(folder, n, events):
@@ -44,25 +42,12 @@ def make_tubes(folder, n, events):
 
 
 def stage_times(path, options, store):
-    times = {}
+    """bench_gating's stage times of one tube, plus writing it to the store."""
+    times, gated, result = gating_stage_times(path, options)
+    times.pop("compensate")  # measured inside "compensate + transform" too
     start = time.perf_counter()
-    sample = read_fcs(path)
-    times["load (flowkit)"] = time.perf_counter() - start
-    panel = resolve_panel(sample.pnn, sample.pns)
-    start = time.perf_counter()
-    data, channels = prepare_events(sample, panel, sample.spillover)
-    times["compensate + transform"] = time.perf_counter() - start
-    start = time.perf_counter()
-    gating = auto_gate(data, channels, panel.name, params=options.gating)
-    times["gate"] = time.perf_counter() - start
-    gated = gate_file(path, options)  # the same object the pipeline keeps (not timed)
-    gated.gating = gating
-    start = time.perf_counter()
-    result = analyze_gated(gated, None, options)
-    times["count + QC"] = time.perf_counter() - start
-    start = time.perf_counter()
-    store.write(result, params_hash(options), masks=gating.masks, gatingml=gatingml_bytes(gated),
-                keywords=sample.keywords)
+    store.write(result, params_hash(options), masks=gated.gating.masks, gatingml=gatingml_bytes(gated),
+                keywords=gated.sample.keywords)
     times["store (masks + GatingML)"] = time.perf_counter() - start
     return times
 
@@ -127,7 +112,7 @@ def main(argv=None):
         medians = {name: statistics.median(s[name] for s in stages) for name in stages[0]}
         peers = {}
         try:
-            for entry_point in ("FlowSOM", "estimator"):
+            for entry_point in (("FlowSOM", "estimator") if args.peer_tubes > 0 else ()):
                 peers[entry_point] = [peer_seconds(path, entry_point) for path in tubes[:args.peer_tubes]]
         except ImportError:
             pass
@@ -135,7 +120,7 @@ def main(argv=None):
     for workers, (per_minute, per_tube, failed) in rates.items():
         print(f"  {workers} worker{'s' if workers > 1 else ' '}: {per_minute:7.1f} tubes/min  "
               f"({per_tube * 1000:6.1f} ms per tube wall clock, {failed} failed)")
-    print("\nper-stage medians over 20 tubes (1 process)")
+    print(f"\nper-stage medians over {min(20, len(tubes))} tubes (1 process)")
     for name, seconds in medians.items():
         print(f"  {name:28s} {seconds * 1000:8.1f} ms")
     print(f"  {'total':28s} {sum(medians.values()) * 1000:8.1f} ms")

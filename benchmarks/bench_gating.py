@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.analysis import AnalysisOptions, analyze_gated, prepare_events  # noqa: E402
+from cytometry.analysis import AnalysisOptions, GatedSample, analyze_gated, prepare_events  # noqa: E402
 from cytometry.fcs import read_fcs  # noqa: E402
 from cytometry.panel import resolve_panel  # noqa: E402
 from cytometry.preprocess import compensate  # noqa: E402
@@ -28,6 +28,7 @@ from gating import auto_gate  # noqa: E402
 
 
 def stage_times(path, options):
+    """Median-ready stage times of one tube, and the GatedSample and result it produced."""
     times = {}
     start = time.perf_counter()
     sample = read_fcs(path)
@@ -43,16 +44,12 @@ def stage_times(path, options):
     gating = auto_gate(data, channels, panel.name, params=options.gating)
     times["gate"] = time.perf_counter() - start
 
-    class Gated:  # what analyze_gated needs
-        pass
-
-    gated = Gated()
-    gated.sample, gated.panel, gated.spillover, gated.data, gated.channels = sample, panel, sample.spillover, data, channels
-    gated.gating, gated.flags = gating, []
+    gated = GatedSample(sample=sample, panel=panel, spillover=sample.spillover, data=data, channels=channels,
+                        gating=gating, flags=list(gating.qc_flags))
     start = time.perf_counter()
-    analyze_gated(gated, None, options)
+    result = analyze_gated(gated, None, options)
     times["count + QC"] = time.perf_counter() - start
-    return times, sample.n_events
+    return times, gated, result
 
 
 def flowkit_peer(path):
@@ -83,7 +80,7 @@ def main(argv=None):
             tube = simulate_tube(panel, seed=5, concentrations=concentrations, blood_volume_ul=args.events / per_ul)
             path = write_tube(tube, Path(scratch) / f"{panel}.fcs")
             runs = [stage_times(path, options) for _ in range(args.repeats)]
-            n_events = runs[0][1]
+            n_events = runs[0][1].sample.n_events
             stages = {name: statistics.median(run[0][name] for run in runs) for name in runs[0][0]}
             peer = statistics.median(flowkit_peer(path) for _ in range(args.repeats))
             total = stages["load (flowkit)"] + stages["compensate + transform"] + stages["gate"] + stages["count + QC"]

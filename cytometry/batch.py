@@ -23,7 +23,8 @@ _REFERENCES = {}
 
 def _references(manifest, options):
     """CarReferences, cached per worker process (the reference tube is gated once)."""
-    key = (id(manifest), params_hash(options))
+    # Workers receive a fresh copy of the manifest with every task: key by its path.
+    key = (str(manifest.path) if manifest is not None else None, params_hash(options))
     if key not in _REFERENCES:
         _REFERENCES.clear()
         _REFERENCES[key] = CarReferences(manifest, options)
