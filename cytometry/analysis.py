@@ -122,28 +122,35 @@ def _channel_top(sample, index):
     return float(top) if np.isfinite(top) and top > 1 else 262144.0
 
 
-def _gate_overlap_events(gating, population):
-    """Expected events on the wrong side of a gate whose populations overlap (0 if none)."""
+def _gate_count_sd(gating, population):
+    """The gate's own count uncertainty, in events (0 if none).
+
+    ``count_sd`` where the gate estimated it (CAR+ counted against a
+    reference); else √(2·overlap) from the events expected on the wrong side
+    of a cut between overlapping populations (each side a Poisson number).
+    """
     gate = next((g for g in gating.gates if g.name == population), None)
     if gate is None:
         return 0.0
-    return float(gate.extra.get("expected_misclassified", 0.0) or 0.0)
+    if gate.extra.get("count_sd") is not None:
+        return float(gate.extra["count_sd"])
+    return float(np.sqrt(2.0 * float(gate.extra.get("expected_misclassified", 0.0) or 0.0)))
 
 
-def widen_for_overlap(count, overlap_events, count_for):
+def widen_for_overlap(count, count_sd, count_for):
     """Add the gate's own uncertainty to a count's interval.
 
-    Where a positive population overlaps its negatives (CAR+), about
-    ``overlap_events`` positives fall below the cut and as many negatives
-    above it; each is a Poisson number, so the gated count carries an extra
-    standard deviation of √(2·overlap) events beyond counting noise. The
-    interval becomes the exact interval of the counting method at
-    events ∓ 1.96·√(2·overlap).
+    Where a positive population overlaps its negatives (CAR+), the number of
+    gated events is itself an estimate with a standard deviation of
+    ``count_sd`` events beyond counting noise (negatives above the cut,
+    positives below it). The interval becomes the exact interval of the
+    counting method at events ∓ 1.96·``count_sd``.
 
     Parameters
     ----------
     count : Count
-    overlap_events : float
+    count_sd : float
+        Standard deviation of the gated event number, in events.
     count_for : callable(events) -> Count
         The counting method (beads, volumetric or dual-platform).
 
@@ -152,13 +159,13 @@ def widen_for_overlap(count, overlap_events, count_for):
     >>> from cytometry.counts import bead_count
     >>> count_for = lambda events: bead_count(events, 5000, 50000, 50.0)
     >>> plain = count_for(300)
-    >>> wide = widen_for_overlap(plain, 20.0, count_for)
+    >>> wide = widen_for_overlap(plain, 6.0, count_for)
     >>> wide.ci95[0] < plain.ci95[0] and wide.ci95[1] > plain.ci95[1], wide.cells_per_ul == plain.cells_per_ul
     (True, True)
     """
     from dataclasses import replace
 
-    delta = 1.96 * np.sqrt(2.0 * overlap_events)
+    delta = 1.96 * count_sd
     low = count_for(max(0, int(np.floor(count.events - delta))))
     high = count_for(int(np.ceil(count.events + delta)))
     return replace(count, ci95=(low.ci95[0], high.ci95[1]), method=f"{count.method}, interval widened for gate overlap")
@@ -467,9 +474,9 @@ def _count(gated, row, options, result, screening):
             # lymphocyte subsets can be counted that way.
             if population in gating.masks and (method != "dual-platform" or population in LYMPHOCYTE_SUBSETS):
                 counts[population] = count_for(gating.events(population))
-        overlap = _gate_overlap_events(gating, "car_t")
-        if overlap and "car_t" in counts:
-            counts["car_t"] = widen_for_overlap(counts["car_t"], overlap, count_for)
+        gate_sd = _gate_count_sd(gating, "car_t")
+        if gate_sd and "car_t" in counts:
+            counts["car_t"] = widen_for_overlap(counts["car_t"], gate_sd, count_for)
         result["populations"] = {name: count.as_dict() for name, count in counts.items()}
     for name, count in counts.items():
         if count.below_lloq and name in ("b_cells", "car_t"):

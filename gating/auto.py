@@ -6,7 +6,8 @@ The strategy, each step data-driven (no fixed channel values)::
     other events ─ singlets ─ CD45+ leukocytes (valley against debris)
                  ─ live (viability dye, when the tube has one)
                  ─ lymphocytes / monocytes / granulocytes (mixture on CD45 × log SSC)
-    lymphocytes ─ T (CD3+, valley) ─ CD4 / CD8 ─ CAR+ (negative mode of the same sample)
+    lymphocytes ─ T (CD3+, valley) ─ CD4 / CD8 ─ CAR+ (against the pre-infusion tube, else
+                                                   the negative mode of the same sample)
                 ─ B (CD3− CD19+, threshold from the T cells as CD19-negative reference)
                 ─ NK (CD3− CD16/56+, same reference)
 
@@ -282,65 +283,185 @@ def positive_threshold(values, params, reference=None):
     return threshold, info
 
 
-def _fixed_negative_mixture(values, reference, mean, sd, fraction, iterations=300,
-                            shifts=np.linspace(-0.03, 0.03, 13)):
-    """EM for ``(1 − π)·f_ref(x − δ) + π·N(μ, σ)`` with the reference's shape fixed.
+def _negative_quantiles(values, probabilities, positive_fraction=0.0, positive_center=None, positive_sd=None):
+    """Quantiles of the negatives in ``values``, the positives' share taken out.
 
-    ``f_ref`` is the smoothed histogram of the reference. The reference tube
-    may have been acquired at a slightly different detector gain, which moves
-    its negatives along the scale; the offset ``δ`` is chosen among
-    ``shifts`` by likelihood, jointly with the positives, so the alignment
-    is not fooled by positives near the negative mode.
-
-    Returns ``π`` and each value's posterior probability of being positive.
+    The mixture's empirical CDF minus ``positive_fraction`` × the positives'
+    Gaussian CDF, rescaled to the negatives' share, inverted at
+    ``probabilities``. With no positives it is the plain quantile.
     """
-    from scipy.ndimage import gaussian_filter1d
-    from scipy.stats import norm
+    from scipy.special import ndtr
 
-    lo = min(values.min(), reference.min()) - 0.05
-    hi = max(values.max(), reference.max()) + 0.05
-    edges = np.linspace(lo, hi, 513)
-    counts, _ = np.histogram(reference, edges)
-    density = gaussian_filter1d(counts.astype(float), 1.5) + 0.5 / len(reference)
-    density /= density.sum() * (edges[1] - edges[0])
-    best = None
-    for shift in shifts:
-        negative = density[np.clip(np.searchsorted(edges, values - shift) - 1, 0, len(density) - 1)]
-        pi, mu, sigma = fraction, mean, sd
-        posterior = np.zeros_like(values)
-        for _ in range(iterations):
-            joint = pi * norm.pdf(values, mu, sigma)
-            mixture = joint + (1 - pi) * negative
-            posterior = joint / mixture
-            weight = posterior.sum()
-            if weight <= 1e-9:
-                pi = 0.0
-                break
-            new_pi = float(posterior.mean())
-            mu = float((posterior * values).sum() / weight)
-            sigma = max(float(np.sqrt((posterior * (values - mu) ** 2).sum() / weight)), 1e-3)
-            converged = abs(new_pi - pi) < 1e-6
-            pi = new_pi
-            if converged:
-                break
-        log_likelihood = float(np.log(pi * norm.pdf(values, mu, sigma) + (1 - pi) * negative).sum())
-        if best is None or log_likelihood > best[0]:
-            best = (log_likelihood, pi, posterior)
-    return best[1], best[2]
+    ordered = np.sort(values)
+    cdf = (np.arange(1, ordered.size + 1) - 0.5) / ordered.size
+    if positive_fraction > 0 and positive_center is not None:
+        cdf = (cdf - positive_fraction * ndtr((ordered - positive_center) / positive_sd)) / (1.0 - positive_fraction)
+    return np.interp(probabilities, np.maximum.accumulate(cdf), ordered)
+
+
+def _extrapolate_positives(descending, cut, excess):
+    """Scale the ``excess`` positives seen above ``cut`` to all positives.
+
+    A Gaussian truncated at ``cut`` is fitted by maximum likelihood to the
+    ``excess`` brightest events (the events just above the cut that are
+    expected to be negatives are left out), with its centre held at or
+    above the cut: a population mostly below the counting cut cannot be
+    extrapolated from its upper part. Its share above the cut scales the
+    excess. The share's standard deviation comes from the fit's observed
+    information (the curvature of the likelihood), by the delta method.
+
+    Returns ``(share_above, centre, σ, share_sd, positives)``.
+    """
+    from scipy.optimize import minimize
+    from scipy.special import log_ndtr, ndtr
+
+    bright = descending[:max(int(round(excess)), 2)]
+    bright = bright[bright >= cut]
+
+    def negative_log_likelihood(parameters):
+        center, log_sd = parameters
+        z = (bright - center) / np.exp(log_sd)
+        return 0.5 * float(np.sum(z * z)) + bright.size * (log_sd + float(log_ndtr((center - cut) / np.exp(log_sd))))
+
+    start = [max(float(np.median(bright)), cut), float(np.log(max(np.std(bright), 1e-3)))]
+    fit = minimize(negative_log_likelihood, start, method="L-BFGS-B", bounds=[(cut, None), (np.log(1e-3), None)])
+    center, log_sd = (float(v) for v in fit.x)
+    spread = float(np.exp(log_sd))
+    z = (cut - center) / spread
+    share_above = float(1.0 - ndtr(z))
+    # Observed information by central differences; its inverse is the
+    # covariance of (centre, log σ).
+    steps = np.array([0.02 * spread, 0.02])
+    hessian = np.empty((2, 2))
+    for i in range(2):
+        for j in range(2):
+            def shifted(di, dj):
+                point = np.array([center, log_sd])
+                point[i] += di * steps[i]
+                point[j] += dj * steps[j]
+                return negative_log_likelihood(point)
+            hessian[i, j] = (shifted(1, 1) - shifted(1, -1) - shifted(-1, 1) + shifted(-1, -1)) / (4 * steps[i] * steps[j])
+    density = float(np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi))
+    gradient = np.array([density / spread, density * z])
+    try:
+        covariance = np.linalg.inv(hessian)
+        share_var = float(gradient @ covariance @ gradient)
+    except np.linalg.LinAlgError:
+        share_var = float("nan")
+    if not np.isfinite(share_var) or share_var < 0:
+        share_var = (0.5 * share_above) ** 2   # an ill-posed fit: say so in the interval
+    return share_above, center, spread, float(np.sqrt(share_var)), excess / share_above
+
+
+def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5, min_shape_events=30,
+                                iterations=6):
+    """Number of positive events in ``values``, the negatives known from a reference.
+
+    For a dim positive population (CAR+ T cells) whose lower tail runs into
+    the negatives. ``reference`` holds the same marker in a known-negative
+    sample (the subject's pre-infusion T cells), possibly acquired at a
+    slightly different detector gain.
+
+    1. **Align**: the reference is shifted so that its core quantiles
+       (30th–95th percentile) match those of the negatives in ``values``
+       (the positives' share, as estimated so far, taken out of the CDF).
+       On the logicle scale a gain change moves the negatives' bright side
+       by a constant; a shape fit would instead read the reference's
+       sampling noise as positives.
+    2. **Subtract**: above ``c``, the aligned reference's *k*-th largest
+       value (*k* = ``tail`` × its size, at least ``min_tail_events``),
+       ``A`` events are seen and ``E = n_neg·k/(n_ref + 1)`` negatives are
+       expected; ``A − E`` positives lie above ``c``.
+    3. **Extrapolate**: the positives' centre and spread come from their
+       upper half (never touched by the negatives); the share of a Gaussian
+       of that shape above ``c`` scales ``A − E`` to all positives.
+
+    Repeated ``iterations`` times, since step 1 needs the positives' share.
+
+    Parameters
+    ----------
+    values : ndarray
+        The marker in the parent population (T cells), transformed.
+    reference : ndarray
+        The marker in the known-negative reference, same scale.
+    tail : float
+        Share of the reference above ``c``; ``c`` rests on at least
+        ``min_tail_events`` reference events whatever its size.
+    min_tail_events : int
+    min_shape_events : int
+        Below this many positives above ``c`` their shape is not estimated
+        and no extrapolation is made (``A − E`` is the estimate).
+
+    Returns
+    -------
+    positives : float
+        Estimated positive events (≥ 0).
+    info : dict
+        The alignment shift, ``c``, ``A``, ``E``, the positives' centre,
+        spread and share above ``c``, and ``count_sd``: the estimate's
+        standard deviation beyond the Poisson noise of the positives
+        themselves (negatives above ``c``, the reference's own tail, the
+        extrapolation).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> reference = rng.normal(0.26, 0.05, 4000)
+    >>> values = np.concatenate([rng.normal(0.25, 0.05, 4000), rng.normal(0.5, 0.09, 200)])
+    >>> positives, info = reference_subtraction_count(values, reference)
+    >>> bool(abs(positives - 200) < 3 * (np.sqrt(200) + info["count_sd"]))
+    True
+    """
+
+    values = np.asarray(values, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    n = values.size
+    tail_events = max(int(round(tail * reference.size)), min_tail_events)
+    reference_descending = np.sort(reference)[::-1]
+    probabilities = np.linspace(0.30, 0.95, 14)
+    reference_quantiles = np.quantile(reference, probabilities)
+    descending = np.sort(values)[::-1]
+    fraction, center, spread = 0.0, None, None
+    for _ in range(iterations):
+        shift = float(np.median(_negative_quantiles(values, probabilities, fraction, center, spread)
+                                - reference_quantiles))
+        cut = float(reference_descending[tail_events - 1]) + shift
+        above = int((values >= cut).sum())
+        # A sample's share above its k-th largest value is k / (size + 1)
+        # on average (order statistics), not k / size.
+        expected_negatives = (1.0 - fraction) * n * tail_events / (reference.size + 1)
+        excess = max(above - expected_negatives, 0.0)
+        share_above, center, spread, share_sd = 1.0, None, None, 0.0
+        positives = excess
+        if excess >= min_shape_events:
+            share_above, center, spread, share_sd, positives = _extrapolate_positives(descending, cut, excess)
+        fraction = min(positives / n, 0.99)
+    variance = positives * (1.0 - share_above) / share_above + (positives * share_sd / share_above) ** 2 + \
+        (expected_negatives + expected_negatives ** 2 / tail_events) / share_above ** 2
+    info = {"reference_shift": round(shift, 6), "counting_cut": round(cut, 6), "events_above_cut": above,
+            "expected_negatives_above_cut": round(expected_negatives, 2),
+            "positive_share_above_cut": round(share_above, 4), "positive_events": round(positives, 2),
+            "count_sd": round(float(np.sqrt(variance)), 3)}
+    if center is not None:
+        info.update(positive_center=round(center, 6), positive_sd=round(spread, 6))
+    return positives, info
 
 
 def balanced_positive_threshold(values, params, reference=None):
     """Threshold for a dim positive population that overlaps its negatives.
 
     CAR+ cells are a continuum: any cut misses the dimmest positives and
-    takes the brightest negatives. A two-component mixture is fitted to the
-    marker (log density of the parent, histogram-weighted); when it finds a
-    real positive component, the cut is placed where the expected number of
-    negatives above it equals the expected number of positives below it, so
-    the *count* is unbiased (the cut that maximises F1 would undercount). The
-    negatives' tail comes from ``reference`` (a known-negative sample, e.g.
-    the subject's pre-infusion tube) when given, else from the fitted
-    negative component. Without a real positive component the answer is
+    takes the brightest negatives, so the cut is placed where the *count*
+    above it is unbiased (the cut that maximises F1 would undercount).
+
+    With a ``reference`` of at least 200 events (a known-negative sample,
+    e.g. the subject's pre-infusion T cells) the positives are counted
+    against it by :func:`reference_subtraction_count` and the cut leaves
+    exactly that many events above it. Without one, a two-component mixture
+    is fitted to the marker (log density of the parent, histogram-weighted);
+    when it finds a real positive component, the cut is placed where the
+    expected number of negatives above it equals the expected number of
+    positives below it. Without a real positive component the answer is
     :func:`positive_threshold` (zero, or a handful of events, is a
     legitimate answer).
 
@@ -358,6 +479,17 @@ def balanced_positive_threshold(values, params, reference=None):
         info["method"] = "negative reference: its 1 - 1/n quantile"
     if values.size < 50:
         return fallback, info
+    if reference is not None and len(reference) >= 200 and values.size >= 50:
+        # A measured negative sample: count the positives against it and
+        # cut where exactly that many events lie above, so the gate's count
+        # is the estimate (see reference_subtraction_count).
+        positives, estimate = reference_subtraction_count(values, reference)
+        n_positive = int(round(positives))
+        ordered = np.sort(values)
+        threshold = float(ordered[values.size - n_positive]) if n_positive else float(np.nextafter(ordered[-1], np.inf))
+        info.update(estimate, method="cut leaving above it the positives counted against the reference "
+                                     "(aligned, subtracted, extrapolated)")
+        return threshold, info
     counts, edges = histogram_1d(values, params.bins, tuple(np.percentile(values, [0.01, 99.99])))
     centres = 0.5 * (edges[1:] + edges[:-1])
     keep = counts > 0
@@ -377,23 +509,6 @@ def balanced_positive_threshold(values, params, reference=None):
     if not (separated and better):
         info["mixture"] = "no positive component (one mode)"
         return fallback, info
-    if reference is not None and len(reference) >= 200:
-        # A measured negative shape: fit only the positives' share and shape
-        # (EM with the negatives' density fixed to the reference's), then cut
-        # where exactly that many events lie above: the count is the estimate.
-        fraction, posterior = _fixed_negative_mixture(values, np.asarray(reference, dtype=np.float64),
-                                                      means[pos], sds[pos], weights[pos])
-        n_estimate = int(round(fraction * n_total))
-        if n_estimate >= params.min_positive_events:
-            ordered = np.sort(values)
-            threshold = float(ordered[n_total - n_estimate]) if n_estimate < n_total else float(ordered[0])
-            below = values < threshold
-            misclassified = 0.5 * (float(posterior[below].sum()) + float((1 - posterior[~below]).sum()))
-            info.update(method="cut leaving above it the positives estimated by a mixture with the "
-                               "reference's negative shape",
-                        positive_fraction=round(float(fraction), 6),
-                        expected_misclassified=round(misclassified, 2))
-            return threshold, info
     n_neg = n_total - n_pos
     # The negatives' right flank decides the false positives; a symmetric fit
     # is widened by their long left tail (compensated negatives on a logicle

@@ -3,8 +3,11 @@
 Targets checked here are the issue's: F1 >= 0.97 for lymphocytes, T and B
 cells (B with >= 50 true events), the true B-cell count inside the 95%
 interval in >= 93% of tubes, zero wrong eligible / not_eligible verdicts and
-`indeterminate` only near the threshold. The CAR+ targets are not met yet
-(see benchmarks/accuracy.py) and are not claimed here.
+`indeterminate` only near the threshold; for CAR+ T (counted against each
+subject's pre-infusion tube, acquired at a gain up to ±10% different) the
+truth inside the interval in >= 93% of tubes, and, where CAR+ is >= 1% of
+T cells, an F1 within reach of the best count-preserving cut (the ceiling
+where CAR+ and CAR− overlap; see benchmarks/accuracy.py).
 """
 import pytest
 
@@ -43,3 +46,18 @@ def test_no_wrong_verdict_and_indeterminate_only_near_threshold(harness):
     assert confusion.get(("not_eligible", "eligible"), 0) == 0
     assert confusion.get(("indeterminate", "far from threshold"), 0) == 0
     assert confusion.get(("eligible", "eligible"), 0) > 0 and confusion.get(("not_eligible", "not_eligible"), 0) > 0
+
+
+def test_car_intervals_hold_the_truth(harness):
+    _, (populations, _) = harness
+    assert populations["car_t"]["n"] >= 8
+    assert populations["car_t"]["coverage"] >= 0.93, populations["car_t"]
+
+
+def test_car_f1_close_to_the_best_count_preserving_cut(harness):
+    _, (populations, _) = harness
+    car = populations["car_t"]
+    assert car["n_f1_1pct"] >= 2
+    assert car["median_f1_1pct"] >= 0.90, car
+    # the ideal cut knows the true count; the gate has to estimate it
+    assert car["max_f1_gap_to_ideal_1pct"] <= 0.05, car
