@@ -7,6 +7,7 @@ eligibility confusion matrix and the failures by condition.
 
     python benchmarks/accuracy.py                  # 120 tubes
     python benchmarks/accuracy.py --samples 240 --seed 7 --keep DIR
+    python benchmarks/accuracy.py --without-reference   # CAR cut from the sample alone
 """
 from __future__ import annotations
 
@@ -26,14 +27,19 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=120)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--keep", help="write the simulated tubes here instead of a temporary folder")
+    parser.add_argument("--without-reference", action="store_true",
+                        help="CAR tubes without their pre-infusion tube: the CAR cut from the sample's own "
+                             "negative mode (the fallback when the manifest links no reference)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.keep) if args.keep else Path(scratch)
-        tubes = simulate_condition_set(out_dir, args.samples, args.seed)
+        tubes = simulate_condition_set(out_dir, args.samples, args.seed,
+                                       with_pre_infusion=not args.without_reference)
         records = [evaluate_tube(path, condition, truth) for path, condition, truth in tubes]
     populations, confusion = summarize(records)
 
-    print(f"{len(records)} simulated tubes (seed {args.seed}); "
+    print(f"{len(records)} simulated tubes (seed {args.seed}"
+          f"{', CAR tubes without a pre-infusion reference' if args.without_reference else ''}); "
           f"{sum(r.status != 'ok' for r in records)} failed to analyse")
     header = f"{'population':13s} {'n':>4s} {'med err':>8s} {'p95 err':>8s} {'CI cover':>9s} {'med F1':>7s} " \
              f"{'min F1':>7s} {'n F1':>5s}"

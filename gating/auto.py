@@ -67,7 +67,8 @@ class GatingParams:
         pre-infusion T cells, on the same transformed scale); ``None`` uses
         the negative mode of the sample itself.
     car_reference_source : str
-        Where ``car_reference`` came from (file name), recorded with the gate.
+        Where ``car_reference`` came from (file name), recorded with the gate;
+        without a reference, why the linked one could not serve (or empty).
     mixture_bins : int
         The lymphocyte/monocyte/granulocyte mixture is fitted on a
         ``mixture_bins``² histogram of CD45 × log SSC.

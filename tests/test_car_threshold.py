@@ -73,3 +73,54 @@ def test_gate_f1_matches_the_ideal_count_preserving_cut():
     brightest = np.argsort(values)[::-1][:is_positive.sum()]
     ideal = 2 * is_positive[brightest].sum() / (2 * is_positive.sum())
     assert f1 >= ideal - 0.03, (f1, ideal)
+
+
+
+def _analyze_day10(sample_dir, tmp_path, capsys, pre_infusion_tube=None):
+    """S01's day-10 CAR tube through the CLI; the manifest links ``pre_infusion_tube`` as day 0."""
+    import csv
+    import json
+
+    from cytometry.cli import main
+
+    rows = list(csv.DictReader(open(sample_dir / "manifest.csv", newline="")))
+    kept = []
+    for row in rows:
+        if row["file"] == "S01_day010_CAR.fcs" or (row["file"] == "S01_day000_CAR.fcs" and pre_infusion_tube):
+            path = sample_dir / row["file"] if row["file"] == "S01_day010_CAR.fcs" else pre_infusion_tube
+            kept.append(dict(row, file=str(path)))
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    main(["analyze", str(sample_dir / "S01_day010_CAR.fcs"), "--manifest", str(manifest), "--json"])
+    document = json.loads(capsys.readouterr().out)
+    return document["samples"][0] if isinstance(document, dict) and "samples" in document else document[0]
+
+
+def test_pre_infusion_tube_from_the_manifest_is_the_reference(sample_dir, tmp_path, capsys):
+    import json
+
+    result = _analyze_day10(sample_dir, tmp_path, capsys, sample_dir / "S01_day000_CAR.fcs")
+    truth = json.loads((sample_dir / "truth" / "S01_day010_CAR.json").read_text())
+    assert "S01_day000_CAR.fcs" in result["car_threshold"]["source"]
+    assert result["car_threshold"]["method"].startswith("cut leaving above it the positives counted")
+    low, high = result["populations"]["car_t"]["ci95"]
+    assert low <= truth["concentrations_per_ul"]["car_t"] <= high
+    assert not any("own negative mode" in flag for flag in result["qc_flags"])
+
+
+def test_without_a_reference_the_result_says_so(sample_dir, tmp_path, capsys):
+    result = _analyze_day10(sample_dir, tmp_path, capsys)
+    assert result["car_threshold"]["source"] == "negative mode of the same sample"
+    assert any(flag.startswith("car_t: no pre-infusion CAR tube linked") for flag in result["qc_flags"])
+
+
+def test_an_unreadable_reference_is_named_in_the_flags(sample_dir, tmp_path, capsys):
+    broken = tmp_path / "S01_day000_CAR.fcs"
+    broken.write_bytes(b"FCS3.1 not really")
+    result = _analyze_day10(sample_dir, tmp_path, capsys, broken)
+    assert result["car_threshold"]["source"] == "negative mode of the same sample"
+    flag = next(f for f in result["qc_flags"] if "own negative mode" in f)
+    assert "S01_day000_CAR.fcs unusable" in flag, flag
