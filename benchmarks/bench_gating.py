@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,24 +73,34 @@ def main(argv=None):
     args = parser.parse_args(argv)
     options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
     with tempfile.TemporaryDirectory() as scratch:
-        for panel in ("tbnk", "car"):
+        for panel, with_reference in (("tbnk", False), ("car", False), ("car", True)):
             concentrations = default_concentrations(panel, car_t=60.0) if panel == "car" else \
                 default_concentrations("tbnk", b_cells=60.0)
             per_ul = sum(v for k, v in concentrations.items() if k in ("granulocytes", "monocytes", "lymphocytes",
                                                                         "dead_cells")) + 1000 * 1.07
-            tube = simulate_tube(panel, seed=5, concentrations=concentrations, blood_volume_ul=args.events / per_ul)
+            volume = args.events / per_ul
+            tube = simulate_tube(panel, seed=5, concentrations=concentrations, blood_volume_ul=volume)
             path = write_tube(tube, Path(scratch) / f"{panel}.fcs")
-            runs = [stage_times(path, options) for _ in range(args.repeats)]
+            tube_options = options
+            if with_reference:
+                # the subject's pre-infusion tube, gated once (as a batch caches it per subject)
+                pre = simulate_tube("car", seed=6, concentrations=default_concentrations("car", car_t=0.0),
+                                    blood_volume_ul=volume)
+                _, reference, _ = stage_times(write_tube(pre, Path(scratch) / "pre.fcs"), options)
+                values = reference.data[reference.gating.masks["t_cells"], reference.channels["CAR"]]
+                tube_options = replace(options, gating=replace(options.gating, car_reference=values,
+                                                               car_reference_source="pre-infusion tube"))
+            runs = [stage_times(path, tube_options) for _ in range(args.repeats)]
             n_events = runs[0][1].sample.n_events
             stages = {name: statistics.median(run[0][name] for run in runs) for name in runs[0][0]}
             peer = statistics.median(flowkit_peer(path) for _ in range(args.repeats))
             total = stages["load (flowkit)"] + stages["compensate + transform"] + stages["gate"] + stages["count + QC"]
-            print(f"\n{panel.upper()} tube, {n_events:,} events, medians of {args.repeats} runs")
+            label = f"{panel.upper()} tube" + (" against its pre-infusion tube" if with_reference else "")
+            print(f"\n{label}, {n_events:,} events, medians of {args.repeats} runs")
             for name, seconds in stages.items():
                 print(f"  {name:28s} {seconds * 1000:8.1f} ms")
             print(f"  {'total per tube':28s} {total * 1000:8.1f} ms")
             print(f"  {'peer: flowkit load+comp+logicle':28s} {peer * 1000:8.1f} ms")
-
 
 if __name__ == "__main__":
     main()
