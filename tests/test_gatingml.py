@@ -12,11 +12,28 @@ TUBES = ["S01_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S02_screening_TBNK
          "S01_day084_CAR.fcs"]
 
 
-@pytest.mark.parametrize("name", TUBES)
+def _with_pre_infusion_reference(sample_dir):
+    from dataclasses import replace
+
+    reference = gate_file(sample_dir / "S01_day000_CAR.fcs")
+    values = reference.data[reference.gating.masks["t_cells"], reference.channels["CAR"]]
+    options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
+    return replace(options, gating=replace(options.gating, car_reference=values,
+                                           car_reference_source="pre-infusion tube S01_day000_CAR.fcs"))
+
+
+@pytest.mark.parametrize("name", TUBES + ["S01_day007_CAR.fcs with reference", "S01_day010_CAR.fcs with reference"])
 def test_reapplied_gatingml_reproduces_counts(sample_dir, tmp_path, name):
+    options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
+    if name.endswith(" with reference"):
+        name = name.removesuffix(" with reference")
+        options = _with_pre_infusion_reference(sample_dir)
     path = sample_dir / name
-    gated = gate_file(path)
-    result = analyze_gated(gated, options=AnalysisOptions(beads_per_test=50000, sample_volume_ul=50))
+    gated = gate_file(path, options)
+    if options.gating.car_reference is not None:
+        car_gate = next(g for g in gated.gating.gates if g.name == "car_t")
+        assert car_gate.method.startswith("cut leaving above it the positives counted against the reference")
+    result = analyze_gated(gated, options=options)
     xml_path = tmp_path / "gates.xml"
     with open(xml_path, "wb") as fh:
         export_gating(gated, fh)
