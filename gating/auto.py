@@ -87,6 +87,11 @@ class GatingParams:
     bead_scatter_sd : float
         Bead events must lie within this many robust SDs of the beads'
         median log FSC-A and log SSC-A (bead–cell coincidences do not).
+    car_reference_max_shift : float
+        A CAR reference whose negatives had to be moved further than this
+        (logicle units; 0.04 is a ~1.5× detector gain on the 4.5-decade
+        scale) was acquired at another gain: the count is flagged as less
+        certain. Drift between visits is a few hundredths of that.
     seed : int
         Seed for the mixture model (results are deterministic).
     """
@@ -107,6 +112,7 @@ class GatingParams:
     car_reference_source: str = ""
     bead_gap_depth: float = 0.8
     bead_scatter_sd: float = 5.0
+    car_reference_max_shift: float = 0.04
     seed: int = 0
 
     def as_dict(self):
@@ -885,6 +891,11 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
             cut, info = balanced_positive_threshold(car[t_cells], params, reference=reference)
             info["reference"] = params.car_reference_source if reference is not None else \
                 "negative mode of the same sample"
+            shift = info.get("reference_shift")
+            if shift is not None and abs(shift) > params.car_reference_max_shift:
+                flags.append(f"car_t: the pre-infusion reference's CAR negatives sit {shift:+.3f} logicle units "
+                             f"from this tube's (detector gain about {10 ** (abs(shift) * 4.5):.1f}x different); "
+                             f"CAR+ count less certain")
         else:
             flags.append(f"car_t: too few T cells ({int(t_cells.sum())}) to set a CAR threshold")
             cut, info = float("inf"), {"method": "no threshold"}
