@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gating import stage_times as gating_stage_times  # noqa: E402  (same folder)
+from bench_gating import flowkit_preprocess  # noqa: E402  (same folder)
+from bench_gating import stage_times as gating_stage_times  # noqa: E402
 from cytometry.analysis import AnalysisOptions  # noqa: E402
 from cytometry.batch import run_batch  # noqa: E402
 from cytometry.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
@@ -63,27 +64,21 @@ def peer_seconds(path, entry_point="FlowSOM"):
     import warnings
 
     import anndata
-    import flowkit as fk
     import flowsom
     import numpy as np
     from flowsom.models import FlowSOMEstimator
 
     logging.disable(logging.CRITICAL)
     start = time.perf_counter()
-    sample = fk.Sample(str(path), subsample=0)
-    sample.apply_compensation(sample.metadata["spillover"])
-    fluorescence = [label for label in sample.pnn_labels if label not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
-    transform = fk.transforms.LogicleTransform(param_t=262144, param_w=0.5, param_m=4.5, param_a=0)
-    sample.apply_transform({label: transform for label in fluorescence})
-    events = sample.get_events(source="xform")
+    events, labels, fluorescence = flowkit_preprocess(path)
     if entry_point == "estimator":
         FlowSOMEstimator(xdim=10, ydim=10, n_clusters=20, seed=1).fit_predict(events)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             data = anndata.AnnData(np.asarray(events, dtype=np.float32))
-            data.var_names = list(sample.pnn_labels)
-            columns = [sample.pnn_labels.index(label) for label in fluorescence]
+            data.var_names = labels
+            columns = [labels.index(label) for label in fluorescence]
             flowsom.FlowSOM(data, cols_to_use=columns, xdim=10, ydim=10, n_clusters=20, seed=1)
     return time.perf_counter() - start
 

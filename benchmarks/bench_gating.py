@@ -15,12 +15,12 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.analysis import AnalysisOptions, GatedSample, analyze_gated, prepare_events  # noqa: E402
+from cytometry.analysis import (AnalysisOptions, GatedSample, analyze_gated, prepare_events,  # noqa: E402
+                                t_cell_car_values, with_car_reference)
 from cytometry.fcs import read_fcs  # noqa: E402
 from cytometry.panel import resolve_panel  # noqa: E402
 from cytometry.preprocess import compensate  # noqa: E402
@@ -53,16 +53,24 @@ def stage_times(path, options):
     return times, gated, result
 
 
-def flowkit_peer(path):
+def flowkit_preprocess(path):
+    """``path`` loaded, compensated and logicle-transformed by flowkit alone (the peers' input).
+
+    Returns the events, the channel names and the fluorescence channel names.
+    """
     import flowkit as fk
 
-    start = time.perf_counter()
     sample = fk.Sample(str(path), subsample=0)
     sample.apply_compensation(sample.metadata["spillover"])
     fluorescence = [label for label in sample.pnn_labels if label not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
     transform = fk.transforms.LogicleTransform(param_t=262144, param_w=0.5, param_m=4.5, param_a=0)
     sample.apply_transform({label: transform for label in fluorescence})
-    sample.get_events(source="xform")
+    return sample.get_events(source="xform"), list(sample.pnn_labels), fluorescence
+
+
+def flowkit_peer(path):
+    start = time.perf_counter()
+    flowkit_preprocess(path)
     return time.perf_counter() - start
 
 
@@ -87,9 +95,7 @@ def main(argv=None):
                 pre = simulate_tube("car", seed=6, concentrations=default_concentrations("car", car_t=0.0),
                                     blood_volume_ul=volume)
                 _, reference, _ = stage_times(write_tube(pre, Path(scratch) / "pre.fcs"), options)
-                values = reference.data[reference.gating.masks["t_cells"], reference.channels["CAR"]]
-                tube_options = replace(options, gating=replace(options.gating, car_reference=values,
-                                                               car_reference_source="pre-infusion tube"))
+                tube_options = with_car_reference(options, t_cell_car_values(reference), "pre-infusion tube")
             runs = [stage_times(path, tube_options) for _ in range(args.repeats)]
             n_events = runs[0][1].sample.n_events
             stages = {name: statistics.median(run[0][name] for run in runs) for name in runs[0][0]}

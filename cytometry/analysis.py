@@ -543,6 +543,32 @@ def _after_infusion(result):
         return False
 
 
+def t_cell_car_values(gated):
+    """CAR-reagent values of a gated tube's T cells (``None`` without a CAR channel or T cells).
+
+    From a pre-infusion tube these are the CAR-negative reference for the
+    same subject's later tubes (:func:`with_car_reference`).
+    """
+    if "CAR" not in gated.channels or "t_cells" not in gated.gating.masks:
+        return None
+    return gated.data[gated.gating.masks["t_cells"], gated.channels["CAR"]]
+
+
+def with_car_reference(options, values, source):
+    """``options`` whose CAR gate is set against ``values`` (a CAR-negative reference from ``source``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> options = with_car_reference(AnalysisOptions(), np.zeros(300), "pre-infusion tube S01_day000_CAR.fcs")
+    >>> options.gating.car_reference.size, options.gating.car_reference_source
+    (300, 'pre-infusion tube S01_day000_CAR.fcs')
+    """
+    from dataclasses import replace
+
+    return replace(options, gating=replace(options.gating, car_reference=values, car_reference_source=source))
+
+
 class CarReferences:
     """The subjects' pre-infusion CAR tubes, used as CAR-negative references.
 
@@ -594,14 +620,12 @@ class CarReferences:
         if subject not in self._values:
             values, problem = None, None
             try:
-                gated = gate_file(reference_row.path, self.options)
-                if "CAR" in gated.channels and "t_cells" in gated.gating.masks:
-                    values = gated.data[gated.gating.masks["t_cells"], gated.channels["CAR"]]
-                    if values.size < 200:
-                        problem = f"{values.size} T cells < 200, too few to describe the negatives' tail"
-                        values = None
-                else:
+                values = t_cell_car_values(gate_file(reference_row.path, self.options))
+                if values is None:
                     problem = "no CAR channel or no T cells"
+                elif values.size < 200:
+                    problem = f"{values.size} T cells < 200, too few to describe the negatives' tail"
+                    values = None
             except Exception as exc:  # the reference tube's own error is reported when it is analysed
                 problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self._values[subject] = values
@@ -630,5 +654,4 @@ class CarReferences:
             if problem is None:
                 return self.options
             return replace(self.options, gating=replace(self.options.gating, car_reference_source=problem))
-        return replace(self.options, gating=replace(self.options.gating, car_reference=values,
-                                                    car_reference_source=f"pre-infusion tube {source}"))
+        return with_car_reference(self.options, values, f"pre-infusion tube {source}")

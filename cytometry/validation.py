@@ -17,7 +17,7 @@ import numpy as np
 
 from gating import POPULATIONS
 
-from .analysis import AnalysisOptions, analyze_gated, gate_file
+from .analysis import AnalysisOptions, analyze_gated, gate_file, t_cell_car_values, with_car_reference
 from .simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
 from .simulate import default_concentrations, simulate_tube, write_tube
 
@@ -150,12 +150,8 @@ def evaluate_tube(path, condition, truth, options=None):
     options = options or AnalysisOptions(beads_per_test=truth["beads_per_test"],
                                          sample_volume_ul=truth["sample_volume_ul"])
     if truth.get("pre_infusion_file"):
-        from dataclasses import replace
-
-        reference = gate_file(truth["pre_infusion_file"], options)
-        values = reference.data[reference.gating.masks["t_cells"], reference.channels["CAR"]]
-        options = replace(options, gating=replace(options.gating, car_reference=values,
-                                                  car_reference_source="pre-infusion tube"))
+        reference = t_cell_car_values(gate_file(truth["pre_infusion_file"], options))
+        options = with_car_reference(options, reference, "pre-infusion tube")
     record = TubeRecord(file=str(path), condition=condition, status="ok")
     labels = np.load(Path(path).parent / "truth" / f"{Path(path).stem}.labels.npy")
     names = truth["label_names"]

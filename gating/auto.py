@@ -290,8 +290,8 @@ def positive_threshold(values, params, reference=None):
     return threshold, info
 
 
-def _negative_quantiles(values, probabilities, positive_fraction=0.0, positive_center=None, positive_sd=None):
-    """Quantiles of the negatives in ``values``, the positives' share taken out.
+def _negative_quantiles(ordered, probabilities, positive_fraction=0.0, positive_center=None, positive_sd=None):
+    """Quantiles of the negatives in ``ordered`` (sorted values), the positives' share taken out.
 
     The mixture's empirical CDF minus ``positive_fraction`` × the positives'
     Gaussian CDF, rescaled to the negatives' share, inverted at
@@ -299,7 +299,6 @@ def _negative_quantiles(values, probabilities, positive_fraction=0.0, positive_c
     """
     from scipy.special import ndtr
 
-    ordered = np.sort(values)
     cdf = (np.arange(1, ordered.size + 1) - 0.5) / ordered.size
     if positive_fraction > 0 and positive_center is not None:
         cdf = (cdf - positive_fraction * ndtr((ordered - positive_center) / positive_sd)) / (1.0 - positive_fraction)
@@ -427,13 +426,14 @@ def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5
     reference_descending = np.sort(reference)[::-1]
     probabilities = np.linspace(0.30, 0.95, 14)
     reference_quantiles = np.quantile(reference, probabilities)
-    descending = np.sort(values)[::-1]
+    ascending = np.sort(values)
+    descending = ascending[::-1]
     fraction, center, spread = 0.0, None, None
     for _ in range(iterations):
-        shift = float(np.median(_negative_quantiles(values, probabilities, fraction, center, spread)
+        shift = float(np.median(_negative_quantiles(ascending, probabilities, fraction, center, spread)
                                 - reference_quantiles))
         cut = float(reference_descending[tail_events - 1]) + shift
-        above = int((values >= cut).sum())
+        above = int(n - np.searchsorted(ascending, cut, side="left"))
         # A sample's share above its k-th largest value is k / (size + 1)
         # on average (order statistics), not k / size.
         expected_negatives = (1.0 - fraction) * n * tail_events / (reference.size + 1)
@@ -486,7 +486,7 @@ def balanced_positive_threshold(values, params, reference=None):
         info["method"] = "negative reference: its 1 - 1/n quantile"
     if values.size < 50:
         return fallback, info
-    if reference is not None and len(reference) >= 200 and values.size >= 50:
+    if reference is not None and len(reference) >= 200:
         # A measured negative sample: count the positives against it and
         # cut where exactly that many events lie above, so the gate's count
         # is the estimate (see reference_subtraction_count).

@@ -44,24 +44,19 @@ def test_gain_offset_between_tubes_is_found():
 
 
 def test_a_reference_at_another_gain_is_flagged(tmp_path):
-    from dataclasses import replace
-
-    from cytometry.analysis import AnalysisOptions, gate_file
+    from cytometry.analysis import AnalysisOptions, gate_file, t_cell_car_values, with_car_reference
     from cytometry.simulate import default_concentrations, simulate_tube, write_tube
 
     def reference_values(gain):
         tube = simulate_tube("car", seed=21, concentrations=default_concentrations("car", car_t=0.0),
                              blood_volume_ul=4.0, gain_range=(gain, gain))
-        gated = gate_file(write_tube(tube, tmp_path / f"pre_{gain}.fcs"))
-        return gated.data[gated.gating.masks["t_cells"], gated.channels["CAR"]]
+        return t_cell_car_values(gate_file(write_tube(tube, tmp_path / f"pre_{gain}.fcs")))
 
     sample = write_tube(simulate_tube("car", seed=22, concentrations=default_concentrations("car", car_t=80.0),
                                       blood_volume_ul=4.0, gain_range=(1.0, 1.0)), tmp_path / "day10.fcs")
     flags = {}
     for gain in (1.05, 2.0):
-        options = AnalysisOptions()
-        options = replace(options, gating=replace(options.gating, car_reference=reference_values(gain),
-                                                  car_reference_source=f"pre-infusion tube at gain {gain}"))
+        options = with_car_reference(AnalysisOptions(), reference_values(gain), f"pre-infusion tube at gain {gain}")
         flags[gain] = [f for f in gate_file(sample, options).gating.qc_flags if "detector gain about" in f]
     assert flags[1.05] == []
     assert len(flags[2.0]) == 1 and "2.0x different" in flags[2.0][0], flags[2.0]

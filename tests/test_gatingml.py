@@ -4,7 +4,8 @@ import io
 import flowkit as fk
 import pytest
 
-from cytometry.analysis import AnalysisOptions, analyze_gated, export_gating, gate_file
+from cytometry.analysis import (AnalysisOptions, analyze_gated, export_gating, gate_file, t_cell_car_values,
+                                with_car_reference)
 from gating import POPULATIONS
 from gating.gatingml import gate_paths
 
@@ -13,13 +14,9 @@ TUBES = ["S01_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S02_screening_TBNK
 
 
 def _with_pre_infusion_reference(sample_dir):
-    from dataclasses import replace
-
-    reference = gate_file(sample_dir / "S01_day000_CAR.fcs")
-    values = reference.data[reference.gating.masks["t_cells"], reference.channels["CAR"]]
-    options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
-    return replace(options, gating=replace(options.gating, car_reference=values,
-                                           car_reference_source="pre-infusion tube S01_day000_CAR.fcs"))
+    values = t_cell_car_values(gate_file(sample_dir / "S01_day000_CAR.fcs"))
+    return with_car_reference(AnalysisOptions(beads_per_test=50000, sample_volume_ul=50), values,
+                              "pre-infusion tube S01_day000_CAR.fcs")
 
 
 @pytest.mark.parametrize("name", TUBES + ["S01_day007_CAR.fcs with reference", "S01_day010_CAR.fcs with reference"])
