@@ -31,6 +31,20 @@ How a tube is made
    recovers ``gain x signal + noise @ inv(S)`` exactly (except for clipped
    events).
 
+Less ideal tubes (opt-in)
+-------------------------
+The defaults above are deliberately clean (and the committed sample set is
+made with them). Real instruments and patients are not: :func:`simulate_tube`
+adds, each behind its own keyword, photon statistics in every detector
+(``photon_noise``: spillover *spreading* after compensation), NK cells as a
+continuum (``nk_continuum``), NKT-like CD3+ CD16/56+ T cells
+(``nkt_fraction``), CD45-negative debris with lymphocyte/monocyte scatter
+(``rbc_ghost_fraction``) and dim subsets bridging positive and negative modes
+(``marker_continua``); basophils and eosinophils come in through the
+concentrations (``basophils``, ``eosinophils``). New random draws use new
+streams, so a tube made without these options is byte-identical to one made
+before they existed.
+
 Why singlet cells / singlet beads is unbiased
 ---------------------------------------------
 Coincidence is applied *after* all particles - cells, beads and debris alike -
@@ -91,6 +105,9 @@ __all__ = [
     "FLUOROCHROMES",
     "detector_name",
     "marker_label",
+    "label_populations",
+    "POPULATION_LABELS",
+    "PHOTOELECTRONS_PER_UNIT",
 ]
 
 # ---------------------------------------------------------------------------
@@ -150,9 +167,17 @@ _TIMESTEP_S = 0.01  # $TIMESTEP: the Time channel counts 10 ms ticks
 
 #: Event label codes (index in this tuple). The same codes for both panels so
 #: label arrays from different tubes can be compared directly.
+#: Codes 0-12 are the original ones and never change meaning (the committed
+#: sample set's label arrays use them); later cell types are appended. Which
+#: populations each label counts in: :data:`POPULATION_LABELS` (also written
+#: in every truth file as ``population_labels`` and ``label_populations``).
 LABEL_NAMES = (
     "debris", "bead", "bead_doublet", "doublet", "granulocyte", "monocyte",
     "cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell", "dead_cell",
+    # appended: NKT-like T cells (CD3+ CD16/56+; T cells, not NK), basophils
+    # (leukocytes, not lymphocytes), eosinophils (granulocytes) and CD45-negative
+    # lyse-no-wash debris with lymphocyte/monocyte scatter (RBC ghosts)
+    "nkt_cd4_t", "nkt_cd8_t", "basophil", "eosinophil", "rbc_ghost",
 )
 _CODE = {name: i for i, name in enumerate(LABEL_NAMES)}
 _PARTICLE_LABELS = tuple(n for n in LABEL_NAMES if n not in ("doublet", "bead_doublet"))
@@ -243,15 +268,93 @@ _POPULATIONS = {
     ]),
 }
 
+# --- Cell types beyond the original ones (used only when a tube has them) ---
+# NKT-like T cells: CD3+ T cells that also carry CD56 (and some CD16), a few %
+# of blood T cells in adults; mostly CD8+ (Lanier's "CD3+CD56+ T cells").
+# The CD16+56 signal is dimmer than on CD56-dim NK cells.
+_NKT_CD16_56 = (2500.0, 0.55)
+_POPULATIONS["nkt_cd4_t"] = dict(fsc=_LYMPH_FSC, ssc=(12000.0, 0.22), af=1.0, components=[
+    (1.0, {**_CD4_T, "CD16+56": _NKT_CD16_56})])
+_POPULATIONS["nkt_cd8_t"] = dict(fsc=_LYMPH_FSC, ssc=(12000.0, 0.22), af=1.0, components=[
+    (1.0, {**_CD8_T, "CD16+56": _NKT_CD16_56})])
+# Basophils: about lymphocyte-sized, low SSC (their granules are water-soluble
+# and scatter little), CD45 dimmer than lymphocytes (between granulocytes and
+# lymphocytes on CD45 x SSC), and CD3- CD19- CD16/56-: on CD45 x SSC they sit
+# just below the lymphocytes and leak into a lymphocyte gate drawn on SSC.
+_POPULATIONS["basophil"] = dict(fsc=(47000.0, 0.10), ssc=(14000.0, 0.22), af=1.5, components=[
+    (1.0, {"CD45": (8000.0, 0.30)})])
+# Eosinophils: SSC above neutrophils (large refractile granules), CD45 brighter
+# than neutrophils, CD16-negative, and the most autofluorescent leukocytes.
+_POPULATIONS["eosinophil"] = dict(fsc=(90000.0, 0.10), ssc=(150000.0, 0.14), af=5.0, components=[
+    (1.0, {"CD45": (13000.0, 0.25)})])
+# Lyse-no-wash debris that is NOT small: incompletely lysed RBCs, RBC ghosts
+# and platelet clumps. CD45-negative (autofluorescence only) with FSC/SSC
+# spread over the lymphocyte and lower monocyte region - a CD45-negative
+# cluster a scatter-only or component-order gate calls "lymphocytes".
+_POPULATIONS["rbc_ghost"] = dict(fsc=(33000.0, 0.35), ssc=(11000.0, 0.55), af=0.6, components=[(1.0, {})])
+
+# --- Continua (marker_continua=True): real populations are not single tight
+# lognormals; dim subsets bridge positive and negative modes. Shares are
+# typical of adult blood: CD8-dim T ~10-30 % of CD8 T, CD4-dim (activated,
+# CD4 internalised) T a few %, CD3-dim (activated, TCR down-regulated) T a few
+# %, CD19-dim (transitional / plasmablast) B ~10 %, CD16+ (intermediate and
+# non-classical) monocytes ~10-15 %, CD16-dim immature neutrophils ~5-10 %.
+_CD3_DIM = (3000.0, 0.45)
+_CONTINUUM_POPULATIONS = {
+    "cd4_t": [(0.90, _CD4_T),
+              (0.05, {**_CD4_T, "CD4": (3000.0, 0.50)}),
+              (0.05, {**_CD4_T, "CD3": _CD3_DIM})],
+    "cd8_t": [(0.76, _CD8_T),
+              (0.19, {**_CD8_T, "CD8": (2500.0, 0.55)}),
+              (0.05, {**_CD8_T, "CD3": _CD3_DIM})],
+    "b_cell": [(0.90, {"CD45": (18000.0, 0.25), "CD19": (8000.0, 0.35)}),
+               (0.10, {"CD45": (18000.0, 0.25), "CD19": (2500.0, 0.50)})],
+    "monocyte": [(0.87, {"CD45": (30000.0, 0.25), "CD4": (1500.0, 0.35)}),
+                 (0.13, {"CD45": (34000.0, 0.25), "CD4": (1000.0, 0.40), "CD16+56": (3500.0, 0.55)})],
+    "granulocyte": [(0.93, {"CD45": (6000.0, 0.30), "CD16+56": (30000.0, 0.35)}),
+                    (0.07, {"CD45": (6000.0, 0.30), "CD16+56": (5000.0, 0.60)})],
+}
+# NK cells as a continuum (nk_continuum=True): ~90 % CD56-dim CD16-bright
+# (about a third of them CD8-dim, CD8alpha-alpha), ~10 % CD56-bright CD16-dim
+# or negative, which in a combined CD16+56 reagent are dimmer than the CD16+
+# majority (CD16 carries most of the signal) and a little CD45-brighter.
+_NK_CONTINUUM = [
+    (0.60, {"CD45": (22000.0, 0.25), "CD16+56": (6000.0, 0.50)}),
+    (0.30, {"CD45": (22000.0, 0.25), "CD16+56": (6000.0, 0.50), "CD8": (1500.0, 0.60)}),
+    (0.10, {"CD45": (26000.0, 0.25), "CD16+56": (1500.0, 0.50)}),
+]
+
+# Photoelectrons per raw unit in each detector at gain 1 (photon_noise=True).
+# A detector counts photoelectrons; their Poisson spread, scaled back to raw
+# units, survives compensation as spillover spreading: a compensated negative
+# in detector j of cells bright in dye i has an SD of about
+# SS_ij * sqrt(F_i), with SS_ij^2 = s_ij / q_j + s_ij^2 / q_i. These yields
+# put SS for the main pairs of _BASE_SPILL at 2-5 sqrt(units) (FITC->PE ~2.4,
+# PE->PerCP-Cy5.5 ~4.5, PerCP-Cy5.5->PE-Cy7 ~3.4, APC->APC-Cy7 ~3.7), within
+# the 1-8 reported for FACSCanto-class instruments (Nguyen et al., Cytometry A
+# 83:306, 2013); red and far-red PMTs yield fewer photoelectrons than
+# blue/green ones, so their detectors are noisier per unit of signal.
+PHOTOELECTRONS_PER_UNIT = {
+    "FITC": 0.05, "PE": 0.04, "PerCP-Cy5.5": 0.008, "PE-Cy7": 0.010,
+    "APC": 0.012, "APC-Cy7": 0.008, "V500-C": 0.02,
+}
+
 # Concentration keys: "leaf" keys are drawn directly; derived keys are sums
 # and must agree with the leaves if a caller supplies them.
+# ``nkt_cd4_t``/``nkt_cd8_t`` are subsets of ``cd4_t``/``cd8_t`` (as the CAR+
+# ones are) and ``eosinophils`` a subset of ``granulocytes``; ``basophils``
+# count in leukocytes only.
 _LEAF_KEYS = ("granulocytes", "monocytes", "cd4_t", "cd8_t", "car_cd4_t",
-              "car_cd8_t", "b_cells", "nk_cells", "dead_cells")
-_DERIVED_KEYS = ("car_t", "t_cells", "lymphocytes", "leukocytes")
+              "car_cd8_t", "b_cells", "nk_cells", "dead_cells",
+              "nkt_cd4_t", "nkt_cd8_t", "basophils", "eosinophils")
+_DERIVED_KEYS = ("car_t", "t_cells", "lymphocytes", "leukocytes", "nkt_cells")
 
 # Independent random streams (children of one SeedSequence) so that, for one
 # seed, naming options or the spillover draw never change the events.
-_STREAMS = ("counts", "order", "doublets", "spill", "gains", "noise", "channels", "time")
+# Streams appended later (extra_counts, photons) leave the first ones - and so
+# every tube made without the newer options - unchanged.
+_STREAMS = ("counts", "order", "doublets", "spill", "gains", "noise", "channels", "time",
+            "extra_counts", "photons")
 
 DEFAULT_DILUTION_FACTOR = (50.0 + 20.0 + 450.0) / 50.0  # blood + antibody + lyse
 
@@ -367,7 +470,7 @@ def marker_label(marker: str, dye: str, marker_style: str = "plain") -> str:
 def default_concentrations(panel="tbnk", *, lymphocytes=1000.0, b_cells=110.0,
                            nk_cells=110.0, cd4_fraction=0.6, monocytes=350.0,
                            granulocytes=2600.0, car_t=None, car_cd4_fraction=0.4,
-                           dead_cells=None) -> dict:
+                           dead_cells=None, basophils=0.0, eosinophils=0.0) -> dict:
     """A plausible blood profile (cells/uL) for a lupus screening patient.
 
     T cells are what is left of the lymphocytes after B and NK cells, so
@@ -379,7 +482,8 @@ def default_concentrations(panel="tbnk", *, lymphocytes=1000.0, b_cells=110.0,
     lymphocytes : float
         Live T + B + NK cells/uL (CAR+ T cells included).
     b_cells, nk_cells, monocytes, granulocytes : float
-        Cells/uL.
+        Cells/uL. ``granulocytes`` are all granulocytes, eosinophils included
+        (the neutrophils are ``granulocytes - eosinophils``).
     cd4_fraction : float
         CD4 T cells / all T cells (CAR+ included).
     car_t : float, optional
@@ -389,14 +493,23 @@ def default_concentrations(panel="tbnk", *, lymphocytes=1000.0, b_cells=110.0,
     dead_cells : float, optional
         Dead (7-AAD+) lymphocytes/uL; CAR tube only (default 3 % of
         lymphocytes there, 0 for TBNK).
+    basophils : float
+        Basophils/uL (leukocytes, not lymphocytes nor granulocytes in the
+        counts: they fall outside the granulocyte gate); adults ~20-100.
+    eosinophils : float
+        Eosinophils/uL, part of ``granulocytes``; adults ~50-500, more in
+        eosinophilia.
 
     Returns
     -------
     dict
         Leaf keys ``granulocytes, monocytes, cd4_t, cd8_t, b_cells, nk_cells``
         (plus ``car_cd4_t, car_cd8_t, dead_cells`` for the CAR panel) and the
-        derived ``t_cells, lymphocytes, leukocytes`` (plus ``car_t``).
-        ``cd4_t`` and ``cd8_t`` include their CAR+ cells.
+        derived ``t_cells, lymphocytes, leukocytes`` (plus ``car_t``), and
+        ``basophils, eosinophils, nkt_cd4_t, nkt_cd8_t, nkt_cells`` (NKT 0
+        here; see ``simulate_tube(nkt_fraction=...)``). ``cd4_t`` and
+        ``cd8_t`` include their CAR+ and NKT cells; leukocytes include the
+        basophils.
 
     Examples
     --------
@@ -407,6 +520,9 @@ def default_concentrations(panel="tbnk", *, lymphocytes=1000.0, b_cells=110.0,
     True
     >>> default_concentrations("car", car_t=100)["car_t"]
     100.0
+    >>> c = default_concentrations("tbnk", basophils=40, eosinophils=300)
+    >>> c["leukocytes"] - c["lymphocytes"] - c["monocytes"] - c["granulocytes"]
+    40.0
     """
     _check_panel(panel)
     is_car = panel == "car"
@@ -422,7 +538,8 @@ def default_concentrations(panel="tbnk", *, lymphocytes=1000.0, b_cells=110.0,
     cd4 = t_cells * float(cd4_fraction)
     cd8 = t_cells - cd4
     out = {"granulocytes": float(granulocytes), "monocytes": float(monocytes),
-           "cd4_t": cd4, "cd8_t": cd8, "b_cells": float(b_cells), "nk_cells": float(nk_cells)}
+           "cd4_t": cd4, "cd8_t": cd8, "b_cells": float(b_cells), "nk_cells": float(nk_cells),
+           "basophils": float(basophils), "eosinophils": float(eosinophils)}
     if is_car:
         out["car_cd4_t"] = float(car_t) * float(car_cd4_fraction)
         out["car_cd8_t"] = float(car_t) - out["car_cd4_t"]
@@ -449,19 +566,28 @@ def _complete_concentrations(conc: dict, panel: str) -> dict:
         raise ValueError("the TBNK tube has no CAR+ or dead cells; use panel='car'")
     if leaf["car_cd4_t"] > leaf["cd4_t"] or leaf["car_cd8_t"] > leaf["cd8_t"]:
         raise ValueError("cd4_t / cd8_t include CAR+ cells, so they must be >= car_cd4_t / car_cd8_t")
+    for subset in ("cd4_t", "cd8_t"):
+        # allow for rounding when NKT are split off CAR-negative T cells
+        if leaf["car_" + subset] + leaf["nkt_" + subset] > leaf[subset] * (1 + 1e-12):
+            raise ValueError(f"{subset} includes its CAR+ and NKT cells, so it must be >= "
+                             f"car_{subset} + nkt_{subset}")
+    if leaf["eosinophils"] > leaf["granulocytes"]:
+        raise ValueError("granulocytes include the eosinophils, so they must be >= eosinophils")
     car_t = leaf["car_cd4_t"] + leaf["car_cd8_t"]
     t_cells = leaf["cd4_t"] + leaf["cd8_t"]
     lymphocytes = t_cells + leaf["b_cells"] + leaf["nk_cells"]
-    leukocytes = lymphocytes + leaf["monocytes"] + leaf["granulocytes"]
+    # "+ basophils" last: with none, the sum is bit-identical to the original one
+    leukocytes = lymphocytes + leaf["monocytes"] + leaf["granulocytes"] + leaf["basophils"]
+    nkt_cells = leaf["nkt_cd4_t"] + leaf["nkt_cd8_t"]
     derived = {"car_t": car_t, "t_cells": t_cells, "lymphocytes": lymphocytes,
-               "leukocytes": leukocytes}
+               "leukocytes": leukocytes, "nkt_cells": nkt_cells}
     # A derived key that disagrees with its leaves would make the truth file
     # contradict itself: refuse rather than silently pick one.
     for k in _DERIVED_KEYS:
         if k in conc and not np.isclose(float(conc[k]), derived[k], rtol=1e-9, atol=1e-9):
             raise ValueError(
                 f"concentration {k}={conc[k]} disagrees with the sum of its parts ({derived[k]}); "
-                "derived keys (car_t, t_cells, lymphocytes, leukocytes) follow from the leaf keys - "
+                "derived keys (car_t, t_cells, lymphocytes, leukocytes, nkt_cells) follow from the leaf keys - "
                 "drop them or use default_concentrations(...) to build a consistent profile")
     out = {"leukocytes": leukocytes, "lymphocytes": lymphocytes,
            "monocytes": leaf["monocytes"], "granulocytes": leaf["granulocytes"],
@@ -470,37 +596,79 @@ def _complete_concentrations(conc: dict, panel: str) -> dict:
     if panel == "car":
         out.update(car_t=car_t, car_cd4_t=leaf["car_cd4_t"], car_cd8_t=leaf["car_cd8_t"],
                    dead_cells=leaf["dead_cells"])
+    out.update(basophils=leaf["basophils"], eosinophils=leaf["eosinophils"], nkt_cells=nkt_cells,
+               nkt_cd4_t=leaf["nkt_cd4_t"], nkt_cd8_t=leaf["nkt_cd8_t"])
     return out
 
 
 def _particle_rates(conc: dict) -> dict:
-    """Particles/uL of blood per event label (cells only)."""
+    """Particles/uL of blood per original event label (cells only).
+
+    The labels added later are in :func:`_extra_particle_rates`, drawn from
+    their own stream so tubes without them keep every original draw.
+    """
     g = conc.get
     return {
-        "granulocyte": conc["granulocytes"], "monocyte": conc["monocytes"],
-        "cd4_t": conc["cd4_t"] - g("car_cd4_t", 0.0), "cd8_t": conc["cd8_t"] - g("car_cd8_t", 0.0),
+        "granulocyte": conc["granulocytes"] - g("eosinophils", 0.0), "monocyte": conc["monocytes"],
+        "cd4_t": conc["cd4_t"] - g("car_cd4_t", 0.0) - g("nkt_cd4_t", 0.0),
+        "cd8_t": conc["cd8_t"] - g("car_cd8_t", 0.0) - g("nkt_cd8_t", 0.0),
         "car_cd4_t": g("car_cd4_t", 0.0), "car_cd8_t": g("car_cd8_t", 0.0),
         "b_cell": conc["b_cells"], "nk_cell": conc["nk_cells"], "dead_cell": g("dead_cells", 0.0),
     }
 
 
+def _extra_particle_rates(conc: dict) -> dict:
+    """Particles/uL of blood of the cell labels added after the original ones."""
+    g = conc.get
+    return {"nkt_cd4_t": g("nkt_cd4_t", 0.0), "nkt_cd8_t": g("nkt_cd8_t", 0.0),
+            "basophil": g("basophils", 0.0), "eosinophil": g("eosinophils", 0.0)}
+
+
 # Event labels that make up each reported population (singlet counts).
+# NKT-like cells are CD3+: T cells (and CD4 or CD8 T), never NK cells.
+# Basophils are leukocytes but neither lymphocytes nor granulocytes (BD-style
+# CD45 x SSC gating leaves them out of both); eosinophils are granulocytes.
 POPULATION_LABELS = {
-    "leukocytes": ("granulocyte", "monocyte", "cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell"),
-    "lymphocytes": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell"),
+    "leukocytes": ("granulocyte", "monocyte", "cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell",
+                   "nkt_cd4_t", "nkt_cd8_t", "basophil", "eosinophil"),
+    "lymphocytes": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "b_cell", "nk_cell", "nkt_cd4_t", "nkt_cd8_t"),
     "monocytes": ("monocyte",),
-    "granulocytes": ("granulocyte",),
-    "t_cells": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t"),
-    "cd4_t": ("cd4_t", "car_cd4_t"),
-    "cd8_t": ("cd8_t", "car_cd8_t"),
+    "granulocytes": ("granulocyte", "eosinophil"),
+    "t_cells": ("cd4_t", "cd8_t", "car_cd4_t", "car_cd8_t", "nkt_cd4_t", "nkt_cd8_t"),
+    "cd4_t": ("cd4_t", "car_cd4_t", "nkt_cd4_t"),
+    "cd8_t": ("cd8_t", "car_cd8_t", "nkt_cd8_t"),
     "b_cells": ("b_cell",),
     "nk_cells": ("nk_cell",),
     "car_t": ("car_cd4_t", "car_cd8_t"),
     "car_cd4_t": ("car_cd4_t",),
     "car_cd8_t": ("car_cd8_t",),
     "dead_cells": ("dead_cell",),
-    "debris": ("debris",),
+    "debris": ("debris", "rbc_ghost"),
+    "nkt_cells": ("nkt_cd4_t", "nkt_cd8_t"),
+    "basophils": ("basophil",),
+    "eosinophils": ("eosinophil",),
+    "rbc_ghosts": ("rbc_ghost",),
 }
+
+
+def label_populations() -> dict:
+    """Event label -> the populations (:data:`POPULATION_LABELS`) it counts in.
+
+    Returns
+    -------
+    dict
+        Every label of :data:`LABEL_NAMES` -> list of population names
+        (empty for beads and doublets).
+
+    Examples
+    --------
+    >>> label_populations()["nkt_cd8_t"]
+    ['leukocytes', 'lymphocytes', 't_cells', 'cd8_t', 'nkt_cells']
+    >>> "lymphocytes" in label_populations()["basophil"]
+    False
+    """
+    return {label: sorted((p for p, labels in POPULATION_LABELS.items() if label in labels),
+                          key=list(POPULATION_LABELS).index) for label in LABEL_NAMES}
 
 
 # ---------------------------------------------------------------------------
@@ -557,9 +725,14 @@ def _lognormal(rng, median, sd, n):
     return median * np.exp(sd * rng.standard_normal(n))
 
 
-def _draw_particles(label, n, panel_entries, rng):
-    """Scatter (A, H) and true fluorescence (panel detector order) of n particles."""
+def _draw_particles(label, n, panel_entries, rng, components=None):
+    """Scatter (A, H) and true fluorescence (panel detector order) of n particles.
+
+    ``components`` replaces the population's marker components (continua).
+    """
     spec = _POPULATIONS[label]
+    if components is not None:
+        spec = dict(spec, components=components)
     fsc = _lognormal(rng, *spec["fsc"], n)
     ssc = _lognormal(rng, *spec["ssc"], n)
     fsc_h = 0.9 * fsc * (1.0 + 0.03 * rng.standard_normal(n))
@@ -609,7 +782,9 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
                   spill_keyword="$SPILLOVER", spillover=None, write_vol=True,
                   dilution_factor=DEFAULT_DILUTION_FACTOR, tube_name=None,
                   source="SIM", cytometer=None, date=_dt.date(2026, 1, 15),
-                  start_time="09:30:00", event_rate=1500.0) -> SimulatedTube:
+                  start_time="09:30:00", event_rate=1500.0, photon_noise=False,
+                  photoelectrons_per_unit=None, nk_continuum=False, nkt_fraction=0.0,
+                  rbc_ghost_fraction=0.0, marker_continua=False) -> SimulatedTube:
     """Simulate one lyse-no-wash bead-counting tube.
 
     Parameters
@@ -669,6 +844,42 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         ``$BTIM`` as ``HH:MM:SS``; ``$ETIM`` follows from the Time channel.
     event_rate : float
         Mean events per second (sets the Time channel).
+    photon_noise : bool
+        Photon (photoelectron) statistics in every fluorescence detector:
+        after spillover mixing, each detector's signal ``x`` is converted to
+        photoelectrons with ``q / gain`` photoelectrons per raw unit (``q``
+        from ``photoelectrons_per_unit``; a higher gain amplifies each
+        photoelectron into more units), drawn ``Poisson(x q / gain)`` and
+        converted back, before electronic noise and clipping. After
+        compensation this is *spillover spreading*: cells bright in one dye
+        (CD3 FITC T cells) get broad "negatives" in the detectors that dye
+        spills into (CD16+56 PE), SD ~ ``sqrt(s / q x signal)``. Off by
+        default (the committed sample set has no photon noise).
+    photoelectrons_per_unit : dict, optional
+        Fluorochrome (detector) -> photoelectrons per raw unit at gain 1;
+        missing ones come from :data:`PHOTOELECTRONS_PER_UNIT`. Only with
+        ``photon_noise``.
+    nk_continuum : bool
+        NK cells as a continuum: ~10 % CD56-bright CD16-dim (dimmer in the
+        CD16+56 reagent), a CD8-dim subset (~30 %) with a broad CD8 level and
+        broader CD16+56, instead of two tight lognormals.
+    nkt_fraction : float
+        Share (0-0.3) of the CAR-negative T cells that are NKT-like (CD3+
+        CD16+56+; ~65 % CD8+, 35 % CD4+). They are T cells in the truth
+        (labels ``nkt_cd4_t``/``nkt_cd8_t`` count in ``t_cells``,
+        ``cd4_t``/``cd8_t``, ``lymphocytes``, never in ``nk_cells``); they
+        are taken out of the T cells, so ``t_cells`` is unchanged. Typical
+        adult blood: 0.02-0.10.
+    rbc_ghost_fraction : float
+        CD45-negative lyse-no-wash debris with lymphocyte-to-monocyte
+        scatter (incompletely lysed RBCs, RBC ghosts, platelet clumps;
+        label ``rbc_ghost``, counted in ``debris``) as a fraction of all
+        particles, up to ~0.4 in real lyse-no-wash tubes. Independent of
+        ``debris_fraction`` (the small debris); the two must sum below 1.
+    marker_continua : bool
+        Dim subsets that bridge positive and negative modes: CD4-dim and
+        CD3-dim T, CD8-dim T (~20 % of CD8 T), CD19-dim B (~10 %), CD16+
+        monocytes (~13 %), CD16-dim immature neutrophils (~7 %).
 
     Returns
     -------
@@ -679,7 +890,11 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         ``label_counts, particles, doublet_composition, beads_per_test,
         sample_volume_ul, blood_volume_ul, dilution_factor, doublet_rate,
         gains, marker_style, detector_style, spill_keyword, spillover,
-        label_names`` and more; ``file`` is filled in by :func:`write_tube`.
+        label_names, population_labels`` (population -> labels),
+        ``label_populations`` (label -> populations), ``realism`` (the
+        options above: photon noise and its photoelectron yields, continua,
+        NKT share, RBC ghosts) and more; ``file`` is filled in by
+        :func:`write_tube`.
 
     Examples
     --------
@@ -690,6 +905,15 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
     >>> tube.events.dtype, tube.labels.dtype
     (dtype('float32'), dtype('uint8'))
     >>> tube.truth["singlet_events"]["b_cells"] == int((tube.labels == LABEL_NAMES.index("b_cell")).sum())
+    True
+
+    A less ideal tube: photon noise, NKT cells, RBC ghosts, continua.
+
+    >>> real = simulate_tube("tbnk", seed=1, blood_volume_ul=1.0, photon_noise=True, nkt_fraction=0.05,
+    ...                      rbc_ghost_fraction=0.3, nk_continuum=True, marker_continua=True)
+    >>> real.truth["label_populations"]["nkt_cd4_t"]
+    ['leukocytes', 'lymphocytes', 't_cells', 'cd4_t', 'nkt_cells']
+    >>> 0.25 < real.truth["label_counts"]["rbc_ghost"] / real.n_events < 0.35
     True
     """
     _check_panel(panel)
@@ -703,6 +927,13 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         raise ValueError("doublet_rate must be in [0, 0.5)")
     if not 0.0 <= debris_fraction < 1.0:
         raise ValueError("debris_fraction must be in [0, 1)")
+    if not 0.0 <= rbc_ghost_fraction < 1.0 or debris_fraction + rbc_ghost_fraction >= 1.0:
+        raise ValueError("rbc_ghost_fraction must be in [0, 1) and debris_fraction + rbc_ghost_fraction < 1")
+    if not 0.0 <= nkt_fraction <= 0.3:
+        raise ValueError(f"nkt_fraction must be in [0, 0.3] (NKT-like cells are a few % of T cells), "
+                         f"got {nkt_fraction}")
+    if photoelectrons_per_unit is not None and not photon_noise:
+        raise ValueError("photoelectrons_per_unit is used only with photon_noise=True")
     for name, v in (("blood_volume_ul", blood_volume_ul), ("beads_per_test", beads_per_test),
                     ("sample_volume_ul", sample_volume_ul), ("dilution_factor", dilution_factor),
                     ("event_rate", event_rate)):
@@ -713,6 +944,8 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
     dets = [det for _, _, det in entries]
     conc = _complete_concentrations(
         default_concentrations(panel) if concentrations is None else dict(concentrations), panel)
+    if nkt_fraction:
+        conc = _split_off_nkt(conc, nkt_fraction, panel)
     streams = dict(zip(_STREAMS, (np.random.default_rng(s)
                                   for s in np.random.SeedSequence(seed).spawn(len(_STREAMS)))))
     # One stream per population: changing one population's concentration
@@ -728,11 +961,27 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
     counts["bead"] = int(rc.poisson(beads_per_test / sample_volume_ul * blood_volume_ul))
     expected_other = (sum(rates.values()) * blood_volume_ul
                       + beads_per_test / sample_volume_ul * blood_volume_ul)
-    counts["debris"] = int(rc.poisson(debris_fraction / (1.0 - debris_fraction) * expected_other))
-    counts = {lab: counts[lab] for lab in _PARTICLE_LABELS}
+    extra_rates = _extra_particle_rates(conc)
+    if any(extra_rates.values()) or rbc_ghost_fraction:
+        rx = streams["extra_counts"]
+        counts.update({lab: int(rx.poisson(rate * blood_volume_ul)) for lab, rate in extra_rates.items()})
+        expected_other += sum(extra_rates.values()) * blood_volume_ul
+        counts["rbc_ghost"] = int(rx.poisson(
+            rbc_ghost_fraction / (1.0 - debris_fraction - rbc_ghost_fraction) * expected_other))
+    # Debris and RBC ghosts are fractions of *all* particles: with the
+    # ghosts, the small debris' share of the rest grows to stay debris_fraction.
+    counts["debris"] = int(rc.poisson(debris_fraction / (1.0 - debris_fraction - rbc_ghost_fraction)
+                                      * expected_other))
+    counts = {lab: counts.get(lab, 0) for lab in _PARTICLE_LABELS}
 
     # --- particles ---------------------------------------------------------
-    parts = [_draw_particles(lab, counts[lab], entries, pop_rngs[lab]) for lab in _PARTICLE_LABELS]
+    components = {}
+    if marker_continua:
+        components.update(_CONTINUUM_POPULATIONS)
+    if nk_continuum:
+        components["nk_cell"] = _NK_CONTINUUM
+    parts = [_draw_particles(lab, counts[lab], entries, pop_rngs[lab], components.get(lab))
+             for lab in _PARTICLE_LABELS]
     p_lab = np.concatenate([np.full(counts[lab], _CODE[lab], np.uint8) for lab in _PARTICLE_LABELS])
     p_fsc = np.concatenate([p[0] for p in parts])
     p_fsch = np.concatenate([p[1] for p in parts])
@@ -771,7 +1020,12 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
     # --- detection -----------------------------------------------------------
     s_panel = _spillover(dets, streams["spill"], spillover)
     noise = streams["noise"].standard_normal((n, len(entries))) * np.array([_NOISE_SD[d] for d in dets])
-    fluor = np.minimum(sig @ s_panel + noise, _CEILING)
+    mixed = sig @ s_panel
+    photoelectron_yield = None
+    if photon_noise:
+        photoelectron_yield = _photoelectron_yield(entries, photoelectrons_per_unit, gain)
+        mixed = _photon_counting(mixed, photoelectron_yield, streams["photons"])
+    fluor = np.minimum(mixed + noise, _CEILING)
     fsc, fsch, ssc = (np.clip(v, 0.0, _CEILING) for v in (fsc, fsch, ssc))
     # Particles arrive as a Poisson process; an event is timed by its first particle.
     t_sec = np.cumsum(streams["time"].exponential(1.0 / event_rate, n_part))
@@ -849,9 +1103,61 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         "noise_sd": {detector_name(d, detector_style): _NOISE_SD[d] for d in dets},
         "channels": [{"pnn": a_, "pns": b_} for a_, b_ in zip(pnn, pns)],
         "label_names": list(LABEL_NAMES),
+        "population_labels": {p: list(v) for p, v in POPULATION_LABELS.items()},
+        "label_populations": label_populations(),
+        "realism": {
+            "photon_noise": bool(photon_noise),
+            # photoelectrons per raw unit actually used (after the gain), per detector
+            "photoelectrons_per_unit": (None if photoelectron_yield is None else
+                                        {detector_name(d, detector_style): float(q)
+                                         for d, q in zip(dets, photoelectron_yield)}),
+            "nk_continuum": bool(nk_continuum),
+            "marker_continua": bool(marker_continua),
+            "nkt_fraction": float(nkt_fraction),
+            "rbc_ghost_fraction": float(rbc_ghost_fraction),
+        },
     }
     return SimulatedTube(events=events, pnn=pnn, pns=pns, metadata=metadata,
                          labels=lab.astype(np.uint8), truth=truth, signal=signal)
+
+
+def _split_off_nkt(conc, nkt_fraction, panel):
+    """Turn ``nkt_fraction`` of the CAR-negative T cells into NKT-like cells.
+
+    CD3+ CD56+ T cells are mostly CD8+ (about two thirds) in adult blood; the
+    split is capped by the CAR-negative T cells available in each subset.
+    """
+    if conc.get("nkt_cells"):
+        raise ValueError("give NKT cells either as nkt_cd4_t/nkt_cd8_t concentrations or as nkt_fraction")
+    free_cd4 = conc["cd4_t"] - conc.get("car_cd4_t", 0.0)
+    free_cd8 = conc["cd8_t"] - conc.get("car_cd8_t", 0.0)
+    nkt = nkt_fraction * (free_cd4 + free_cd8)
+    nkt_cd8 = min(0.65 * nkt, free_cd8)
+    nkt_cd4 = min(nkt - nkt_cd8, free_cd4)
+    leaves = {k: v for k, v in conc.items() if k in _LEAF_KEYS}
+    leaves.update(nkt_cd4_t=nkt_cd4, nkt_cd8_t=nkt_cd8)
+    return _complete_concentrations(leaves, panel)
+
+
+def _photoelectron_yield(entries, photoelectrons_per_unit, gain):
+    """Photoelectrons per raw unit of each panel detector, after its gain."""
+    yields = dict(PHOTOELECTRONS_PER_UNIT)
+    for key, value in (photoelectrons_per_unit or {}).items():
+        if key not in yields:
+            raise ValueError(f"photoelectrons_per_unit for unknown fluorochrome {key!r}; "
+                             f"expected one of {FLUOROCHROMES}")
+        if not value > 0:
+            raise ValueError(f"photoelectrons_per_unit for {key} must be > 0, got {value}")
+        yields[key] = float(value)
+    # The gain multiplies the signal of a dye; its detector turns the same
+    # photoelectrons into proportionally more raw units.
+    return np.array([yields[det] / gain[dye] for _, dye, det in entries])
+
+
+def _photon_counting(mixed, photoelectron_yield, rng):
+    """Poisson photoelectron counts of each detector's light, back in raw units."""
+    expected = np.maximum(mixed, 0.0) * photoelectron_yield
+    return rng.poisson(expected) / photoelectron_yield
 
 
 def _format_spill(names, matrix) -> str:
