@@ -2,6 +2,7 @@
 import csv
 import doctest
 import json
+from pathlib import Path
 
 import flowio
 import flowkit
@@ -347,6 +348,216 @@ def test_car_signal_overlaps_negatives():
 
 
 # ---------------------------------------------------------------------------
+# less ideal tubes (opt-in realism options)
+# ---------------------------------------------------------------------------
+
+def _compensated(tube):
+    raw, s, names = _fluor(tube)
+    return raw @ np.linalg.inv(s), names
+
+
+def _robust_sd(values):
+    low, high = np.percentile(values, [15.87, 84.13])
+    return (high - low) / 2
+
+
+def _labels(tube, *names):
+    return np.isin(tube.labels, [CODE[n] for n in names])
+
+
+def test_photon_noise_spreads_bright_t_cells_after_compensation():
+    spread = {}
+    for photon_noise in (False, True):
+        tube = simulate_tube("tbnk", seed=31, blood_volume_ul=3.0, photon_noise=photon_noise)
+        comp, names = _compensated(tube)
+        pe, apc = names.index("PE-A"), names.index("APC-A")
+        t = _labels(tube, "cd4_t", "cd8_t")
+        spread[photon_noise] = {
+            # CD16+56 (PE) of CD3 FITC-bright T cells vs CD3- CD16/56- B cells
+            "pe_t": _robust_sd(comp[t, pe]), "pe_b": _robust_sd(comp[_labels(tube, "b_cell"), pe]),
+            # CD19 (APC) of CD8 APC-Cy7-bright T cells vs CD8- (CD4) T cells
+            "apc_cd8": _robust_sd(comp[_labels(tube, "cd8_t"), apc]),
+            "apc_cd4": _robust_sd(comp[_labels(tube, "cd4_t"), apc]),
+            "apc_t": _robust_sd(comp[t, apc]),
+            "pe_t_median": float(np.median(comp[t, pe])),
+        }
+    off, on = spread[False], spread[True]
+    # without photon statistics every negative is electronic noise + autofluorescence
+    assert off["pe_t"] < 1.15 * off["pe_b"]
+    assert off["apc_cd8"] < 1.1 * off["apc_cd4"]
+    # with it, the T cells' compensated negatives are broad where their light spills
+    assert on["pe_t"] > 1.7 * on["pe_b"], on
+    assert on["pe_t"] > 2.5 * off["pe_t"]
+    assert on["apc_cd8"] > 1.15 * on["apc_cd4"], on
+    assert on["apc_t"] > 3 * off["apc_t"]
+    # spreading widens, it does not shift: compensation stays unbiased
+    assert abs(on["pe_t_median"] - off["pe_t_median"]) < 40
+
+
+def test_photon_noise_is_poisson_in_photoelectrons():
+    gains = {"PE": 2.0}
+    tube = simulate_tube("tbnk", seed=32, blood_volume_ul=2.0, photon_noise=True, gains=gains,
+                         photoelectrons_per_unit={"FITC": 0.1})
+    comp, names = _compensated(tube)
+    yields = tube.truth["realism"]["photoelectrons_per_unit"]
+    assert yields["FITC-A"] == pytest.approx(0.1)          # override
+    assert yields["PE-A"] == pytest.approx(simulate.PHOTOELECTRONS_PER_UNIT["PE"] / 2.0)  # after the gain
+    # beads: residual variance in a detector = its light / yield + electronic noise^2
+    raw, s, _ = _fluor(tube)
+    beads = tube.labels == CODE["bead"]
+    expected_light = (tube.signal @ s)[beads]
+    for j, name in enumerate(names):
+        resid = raw[beads, j] - expected_light[:, j]
+        predicted = np.sqrt(expected_light[:, j].mean() / yields[name] + tube.truth["noise_sd"][name] ** 2)
+        assert resid.std() == pytest.approx(predicted, rel=0.15), name
+        assert abs(resid.mean()) < 4 * predicted / np.sqrt(beads.sum())
+    assert tube.truth["realism"]["photon_noise"] is True
+    assert simulate_tube("tbnk", seed=32, blood_volume_ul=0.2).truth["realism"]["photoelectrons_per_unit"] is None
+
+
+def test_nkt_cells_are_t_cells_not_nk_in_truth(tmp_path):
+    plain = simulate_tube("tbnk", seed=33, blood_volume_ul=4.0)
+    tube = simulate_tube("tbnk", seed=33, blood_volume_ul=4.0, nkt_fraction=0.05)
+    write_tube(tube, tmp_path / "nkt.fcs")
+    truth = json.loads((tmp_path / "truth" / "nkt.json").read_text())
+    c, se, counts = truth["concentrations_per_ul"], truth["singlet_events"], truth["label_counts"]
+    # taken out of the T cells, not added: t_cells and lymphocytes unchanged
+    assert c["t_cells"] == pytest.approx(plain.truth["concentrations_per_ul"]["t_cells"])
+    assert c["nkt_cells"] == pytest.approx(0.05 * c["t_cells"])
+    assert c["nkt_cd8_t"] > c["nkt_cd4_t"] > 0              # mostly CD8+
+    nkt = counts["nkt_cd4_t"] + counts["nkt_cd8_t"]
+    assert nkt > 50 and se["nkt_cells"] == nkt
+    assert se["t_cells"] == counts["cd4_t"] + counts["cd8_t"] + nkt
+    assert se["cd8_t"] == counts["cd8_t"] + counts["nkt_cd8_t"]
+    assert se["nk_cells"] == counts["nk_cell"]
+    for label in ("nkt_cd4_t", "nkt_cd8_t"):
+        assert {"t_cells", "lymphocytes", "leukocytes"} <= set(truth["label_populations"][label])
+        assert "nk_cells" not in truth["label_populations"][label]
+    assert truth["label_populations"]["nkt_cd4_t"].count("cd4_t") == 1
+    # phenotype: CD3+ like T cells and CD16/56+ like NK cells
+    comp, names = _compensated(tube)
+    is_nkt, t = _labels(tube, "nkt_cd4_t", "nkt_cd8_t"), _labels(tube, "cd4_t", "cd8_t")
+    cd3, cd16 = names.index("FITC-A"), names.index("PE-A")
+    assert np.median(comp[is_nkt, cd3]) > 0.5 * np.median(comp[t, cd3])
+    assert np.median(comp[is_nkt, cd16]) > 5 * np.percentile(comp[t, cd16], 95)
+    with pytest.raises(ValueError, match="nkt_fraction"):
+        simulate_tube("tbnk", nkt_fraction=0.5)
+
+
+def test_nk_continuum_has_cd56_bright_and_cd8_dim_subsets():
+    share_dim, cd8_share = {}, {}
+    for continuum in (False, True):
+        tube = simulate_tube("tbnk", seed=34, blood_volume_ul=5.0, nk_continuum=continuum,
+                             concentrations=default_concentrations("tbnk", nk_cells=300))
+        assert tube.truth["realism"]["nk_continuum"] is continuum
+        comp, names = _compensated(tube)
+        nk = comp[tube.labels == CODE["nk_cell"]]
+        cd16 = nk[:, names.index("PE-A")]
+        share_dim[continuum] = float(np.mean(cd16 < 2500))        # CD56-bright CD16-dim lie here
+        cd8_share[continuum] = float(np.mean(nk[:, names.index("APC-Cy7-A")] > 700))
+    assert share_dim[False] < 0.05 and 0.08 < share_dim[True] < 0.25, share_dim
+    assert 0.2 < cd8_share[True] < 0.45                          # a CD8-dim subset remains
+
+
+def test_rbc_ghosts_cd45_negative_with_lymphocyte_scatter():
+    tube = simulate_tube("tbnk", seed=35, blood_volume_ul=2.0, rbc_ghost_fraction=0.4)
+    truth = tube.truth
+    ghosts = tube.labels == CODE["rbc_ghost"]
+    assert 0.33 < ghosts.mean() < 0.43                           # ~40 % of events (doublets take some)
+    assert truth["label_counts"]["debris"] / tube.n_events == pytest.approx(0.05, abs=0.015)
+    assert truth["singlet_events"]["debris"] == ghosts.sum() + truth["label_counts"]["debris"]
+    assert truth["singlet_events"]["leukocytes"] == sum(
+        truth["label_counts"][lab] for lab in truth["population_labels"]["leukocytes"])
+    assert "leukocytes" not in truth["label_populations"]["rbc_ghost"]
+    comp, names = _compensated(tube)
+    cd45 = comp[:, names.index("PerCP-Cy5-5-A")]
+    lymph = _labels(tube, "cd4_t", "cd8_t", "b_cell", "nk_cell")
+    assert np.median(cd45[ghosts]) < 0.05 * np.median(cd45[lymph])   # CD45-negative
+    assert np.percentile(cd45[ghosts], 95) < np.percentile(cd45[lymph], 1)
+    # ... but their scatter overlaps the lymphocytes' (unlike the small debris)
+    fsc, ssc = (tube.events[:, tube.pnn.index(n)] for n in ("FSC-A", "SSC-A"))
+
+    def inside_lymphocyte_box(mask):
+        f_lo, f_hi = np.percentile(fsc[lymph], [5, 95])
+        s_lo, s_hi = np.percentile(ssc[lymph], [5, 95])
+        return np.mean((fsc[mask] > f_lo) & (fsc[mask] < f_hi) & (ssc[mask] > s_lo) & (ssc[mask] < s_hi))
+
+    # a CD45-negative cluster about a third the size of the lymphocytes inside their scatter region
+    assert inside_lymphocyte_box(ghosts) * ghosts.sum() > 0.2 * inside_lymphocyte_box(lymph) * lymph.sum()
+    assert inside_lymphocyte_box(tube.labels == CODE["debris"]) < 0.05
+    assert np.percentile(ssc[ghosts], 95) > np.percentile(ssc[tube.labels == CODE["monocyte"]], 10)
+
+
+def test_basophils_and_eosinophils_phenotype_and_truth():
+    conc = default_concentrations("tbnk", basophils=150, eosinophils=600, granulocytes=2600)
+    tube = simulate_tube("tbnk", seed=36, blood_volume_ul=3.0, concentrations=conc)
+    truth, c = tube.truth, tube.truth["concentrations_per_ul"]
+    assert c["leukocytes"] == pytest.approx(c["lymphocytes"] + c["monocytes"] + c["granulocytes"] + 150)
+    assert c["granulocytes"] == 2600 and c["eosinophils"] == 600     # eosinophils are granulocytes
+    lp = truth["label_populations"]
+    assert "leukocytes" in lp["basophil"] and not {"lymphocytes", "granulocytes"} & set(lp["basophil"])
+    assert {"leukocytes", "granulocytes"} <= set(lp["eosinophil"]) and "lymphocytes" not in lp["eosinophil"]
+    se, counts = truth["singlet_events"], truth["label_counts"]
+    assert se["granulocytes"] == counts["granulocyte"] + counts["eosinophil"]
+    # neutrophil particles are the granulocytes less the eosinophils
+    assert truth["particles"]["granulocyte"] == pytest.approx(2000 * 3.0, rel=0.1)
+
+    comp, names = _compensated(tube)
+    col = {m: names.index(detector_name(f)) for m, _, f in PANELS["tbnk"]}
+    ssc = tube.events[:, tube.pnn.index("SSC-A")]
+    baso, eos = tube.labels == CODE["basophil"], tube.labels == CODE["eosinophil"]
+    lymph, neut = _labels(tube, "cd4_t", "cd8_t", "b_cell", "nk_cell"), tube.labels == CODE["granulocyte"]
+    t = _labels(tube, "cd4_t", "cd8_t")
+    med = lambda mask, marker: float(np.median(comp[mask, col[marker]]))  # noqa: E731
+    # basophils: CD45 dimmer than lymphocytes, low SSC like them, CD3- CD19- CD16/56-
+    assert med(baso, "CD45") < 0.6 * med(lymph, "CD45")
+    assert np.median(ssc[baso]) < 1.6 * np.median(ssc[lymph])
+    assert med(baso, "CD3") < 0.1 * med(t, "CD3")
+    assert med(baso, "CD19") < 0.1 * med(tube.labels == CODE["b_cell"], "CD19")
+    assert med(baso, "CD16+56") < 0.1 * med(tube.labels == CODE["nk_cell"], "CD16+56")
+    # eosinophils: SSC above neutrophils, CD45 brighter than neutrophils, CD16-negative
+    assert np.median(ssc[eos]) > 1.2 * np.median(ssc[neut])
+    assert med(eos, "CD45") > 1.5 * med(neut, "CD45")
+    assert med(eos, "CD16+56") < 0.1 * med(neut, "CD16+56")
+
+
+def test_marker_continua_bridge_positive_and_negative_modes():
+    between = {}
+    for continua in (False, True):
+        tube = simulate_tube("tbnk", seed=37, blood_volume_ul=3.0, marker_continua=continua)
+        comp, names = _compensated(tube)
+        cd8 = comp[tube.labels == CODE["cd8_t"], names.index("APC-Cy7-A")]
+        cd4 = comp[tube.labels == CODE["cd4_t"], names.index("PE-Cy7-A")]
+        cd19 = comp[tube.labels == CODE["b_cell"], names.index("APC-A")]
+        cd16_mono = comp[tube.labels == CODE["monocyte"], names.index("PE-A")]
+        between[continua] = (np.mean((cd8 > 800) & (cd8 < 5000)), np.mean((cd4 > 800) & (cd4 < 4500)),
+                             np.mean((cd19 > 500) & (cd19 < 3500)), np.mean(cd16_mono > 1500))
+    off, on = between[False], between[True]
+    assert on[0] > 0.12 and off[0] < 0.03       # CD8-dim T
+    assert on[1] > 0.03 and off[1] < 0.01       # CD4-dim T
+    assert on[2] > 0.06 and off[2] < 0.02       # CD19-dim B
+    assert on[3] > 0.07 and off[3] < 0.01       # CD16+ monocytes
+
+
+def test_realism_options_are_seeded_and_validated():
+    kw = dict(blood_volume_ul=0.5, photon_noise=True, nk_continuum=True, nkt_fraction=0.04,
+              rbc_ghost_fraction=0.2, marker_continua=True,
+              concentrations=default_concentrations("car", basophils=30, eosinophils=100))
+    a, b = simulate_tube("car", seed=38, **kw), simulate_tube("car", seed=38, **kw)
+    np.testing.assert_array_equal(a.events, b.events)
+    assert a.truth == b.truth
+    with pytest.raises(ValueError, match="rbc_ghost_fraction"):
+        simulate_tube("tbnk", debris_fraction=0.6, rbc_ghost_fraction=0.4)
+    with pytest.raises(ValueError, match="photon_noise"):
+        simulate_tube("tbnk", photoelectrons_per_unit={"PE": 0.1})
+    with pytest.raises(ValueError, match="fluorochrome"):
+        simulate_tube("tbnk", photon_noise=True, photoelectrons_per_unit={"BV421": 0.1})
+    with pytest.raises(ValueError, match="eosinophils"):
+        default_concentrations("tbnk", granulocytes=100, eosinophils=200) and simulate_tube(
+            "tbnk", concentrations=default_concentrations("tbnk", granulocytes=100, eosinophils=200))
+
+
+# ---------------------------------------------------------------------------
 # sample set, CLI, docstrings
 # ---------------------------------------------------------------------------
 
@@ -368,6 +579,13 @@ def test_make_sample_set(tmp_path):
     assert keywords == {"spillover", "spill", "comp"}
     size = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
     assert size <= 9_000_000
+    # The realism options are opt-in: the defaults still write the committed
+    # sample set byte for byte, with the same event labels.
+    committed = Path(__file__).resolve().parents[1] / "sample_fcs"
+    for p in paths:
+        assert p.read_bytes() == (committed / p.name).read_bytes(), p.name
+        np.testing.assert_array_equal(np.load(tmp_path / "truth" / f"{p.stem}.labels.npy"),
+                                      np.load(committed / "truth" / f"{p.stem}.labels.npy"))
 
 
 def test_cli_tube(tmp_path):
