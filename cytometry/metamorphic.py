@@ -16,18 +16,19 @@ reader, compensation, transform and gating as any other file.
 
 Examples
 --------
-Double the gain of the CD19 detector of a simulated tube and write it:
+Double the gain of the CD19 detector (APC-A) of a simulated tube, write it as
+a new file and read it back:
 
 >>> import tempfile
 >>> from pathlib import Path
 >>> from cytometry.simulate import simulate_tube, write_tube
->>> folder = Path(tempfile.mkdtemp())
->>> original = write_tube(simulate_tube("tbnk", seed=1, blood_volume_ul=0.5), folder / "tube.fcs")
->>> table = read_table(original)
->>> brighter = scale_detector_gain(table, "APC-A", 2.0)
->>> path = write_table(brighter, folder / "tube_apc_x2.fcs")
->>> bool(np.allclose(read_table(path).events[:, table.channel_index("APC-A")],
-...                  2.0 * table.events[:, table.channel_index("APC-A")]))
+>>> with tempfile.TemporaryDirectory() as folder:
+...     original = write_tube(simulate_tube("tbnk", seed=1, blood_volume_ul=0.5), Path(folder) / "tube.fcs")
+...     table = read_table(original)
+...     path = write_table(scale_detector_gain(table, "APC-A", 2.0), Path(folder) / "tube_apc_x2.fcs")
+...     brighter = read_table(path)
+>>> column = table.channel_index("APC-A")
+>>> bool(np.array_equal(brighter.events[:, column], 2.0 * table.events[:, column]))
 True
 """
 from __future__ import annotations
@@ -130,7 +131,8 @@ def read_table(path) -> FcsTable:
     >>> from pathlib import Path
     >>> from cytometry.simulate import simulate_tube, write_tube
     >>> tube = simulate_tube("tbnk", seed=1, blood_volume_ul=0.2)
-    >>> table = read_table(write_tube(tube, Path(tempfile.mkdtemp()) / "t.fcs"))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     table = read_table(write_tube(tube, Path(folder) / "t.fcs"))
     >>> table.n_events == tube.n_events, table.pnn == tube.pnn
     (True, True)
     """
@@ -247,7 +249,8 @@ def write_table(table: FcsTable, path) -> Path:
     >>> from pathlib import Path
     >>> table = FcsTable(events=np.array([[1.0, 2.0], [3.0, 4.0]]), pnn=["FSC-A", "SSC-A"],
     ...                  pns=["", ""], ranges=[262144.0, 262144.0])
-    >>> read_table(write_table(table, Path(tempfile.mkdtemp()) / "two.fcs")).events.tolist()
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     read_table(write_table(table, Path(folder) / "two.fcs")).events.tolist()
     [[1.0, 2.0], [3.0, 4.0]]
     """
     path = Path(path)
@@ -337,6 +340,17 @@ def append_events(table: FcsTable, extra_events) -> FcsTable:
     Use it to spike a population gated in another tube acquired with the same
     channels, gains and spillover (or in a disjoint part of the same tube).
 
+    Parameters
+    ----------
+    table : FcsTable
+    extra_events : array_like, shape (n_extra, n_channels)
+        Raw events in ``table``'s channel order.
+
+    Returns
+    -------
+    FcsTable
+        ``table``'s events followed by ``extra_events``.
+
     Examples
     --------
     >>> t = FcsTable(events=np.zeros((2, 2)), pnn=["A", "B"], pns=["", ""], ranges=[1024.0] * 2)
@@ -351,6 +365,12 @@ def append_events(table: FcsTable, extra_events) -> FcsTable:
 
 def shuffle_events(table: FcsTable, seed: int = 0):
     """The tube with its events in a random order.
+
+    Parameters
+    ----------
+    table : FcsTable
+    seed : int
+        Seed of ``numpy.random.default_rng``.
 
     Returns
     -------
@@ -417,6 +437,17 @@ def split_events(n_events: int, seed: int = 0):
     """Two disjoint random halves of ``range(n_events)`` (sorted, sizes ⌊n/2⌋ and ⌈n/2⌉).
 
     Sorted so that each half keeps the acquisition order of its events.
+
+    Parameters
+    ----------
+    n_events : int
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    first, second : ndarray of int
+        Row indices of the two halves.
 
     Examples
     --------
