@@ -1,12 +1,18 @@
 """Accuracy of the automatic gating and counts against the simulator's truth.
 
-Generates a seeded, varied set of tubes (see ``cytometry.validation.CONDITIONS``),
+Generates a seeded, varied set of tubes (see ``cytometry.validation.CONDITIONS``:
+the ideal conditions on the simulator's clean defaults and the realistic ones with
+photon-noise spreading, NK continuum and NKT cells, CD45-negative high-scatter
+debris, basophils/eosinophils, continua and extreme blood compositions),
 analyses each, and prints per population the median and 95th-percentile
-relative count error, interval coverage and F1 of event assignment, then the
-eligibility confusion matrix and the failures by condition.
+relative count error, interval coverage and F1 of event assignment, the
+eligibility confusion matrix, and per condition the B-cell and lymphocyte
+accuracy, lymphosum, false qc_fail and wrong verdicts.
 
-    python benchmarks/accuracy.py                  # 120 tubes
+    python benchmarks/accuracy.py                  # 120 tubes over all conditions
     python benchmarks/accuracy.py --samples 240 --seed 7 --keep DIR
+    python benchmarks/accuracy.py --conditions realistic        # or ideal, or names: typical,neutropenia
+    python benchmarks/accuracy.py --list-conditions
     python benchmarks/accuracy.py --without-reference   # CAR cut from the sample alone
 """
 from __future__ import annotations
@@ -19,26 +25,75 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.validation import evaluate_tube, simulate_condition_set, summarize  # noqa: E402
+from cytometry.validation import (CONDITIONS, IDEAL_CONDITIONS, LYMPHOSUM_TOLERANCE_PCT,  # noqa: E402
+                                  evaluate_tube, select_conditions, simulate_condition_set, summarize,
+                                  summarize_by_condition)
+
+
+def _fmt(value, pattern):
+    """``pattern.format(value)``, or a right-aligned ``-`` of the same width for ``None``."""
+    return pattern.format(value) if value is not None else "-".rjust(len(pattern.format(0.0)))
+
+
+def print_condition_table(records, out=sys.stdout):
+    """The per-condition accuracy table (see ``summarize_by_condition``)."""
+    table = summarize_by_condition(records)
+    ideal = {c.name for c in IDEAL_CONDITIONS}
+    header = (f"{'condition':26s} {'n':>3s} | {'B err':>6s} {'B CI':>5s} {'B F1':>5s} | "
+              f"{'L err':>6s} {'L CI':>5s} {'L F1':>5s} | {'lsum ok':>7s} | {'qcfail':>6s} {'n good':>6s} | "
+              f"{'wrong':>5s} {'n verd':>6s} | {'failed':>6s}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for name, row in table.items():
+        b, lymph = row["b_cells"], row["lymphocytes"]
+        marker = " " if name in ideal else "*"
+        print(f"{name + marker:26s} {row['n']:3d} | {_fmt(b['median_rel_error'], '{:6.1%}')} "
+              f"{_fmt(b['coverage'], '{:5.0%}')} {_fmt(b['median_f1'], '{:5.3f}')} | "
+              f"{_fmt(lymph['median_rel_error'], '{:6.1%}')} {_fmt(lymph['coverage'], '{:5.0%}')} "
+              f"{_fmt(lymph['median_f1'], '{:5.3f}')} | {_fmt(row['lymphosum_ok'], '{:7.0%}')} | "
+              f"{_fmt(row['qc_fail_among_good'], '{:6.0%}')} {row['n_good']:6d} | "
+              f"{row['wrong_verdicts']:5d} {row['n_verdicts']:6d} | {row['n_failed']:6d}", file=out)
+    print(f"* realistic condition. err: median relative count error; CI: share of 95% intervals holding the "
+          f"truth; F1: median event F1 over tubes with >= 50 true events; lsum ok: share of TBNK tubes with "
+          f"lymphosum within 100 +/- {LYMPHOSUM_TOLERANCE_PCT:g}%; qcfail: share of good tubes (>= 1,000 singlet "
+          f"beads, all markers, sound acquisition) called qc_fail; wrong: eligible/not_eligible verdicts "
+          f"contradicting the truth, of n verd; failed: tubes whose analysis raised.", file=out)
+    for name, row in table.items():
+        for error in row["errors"][:1]:
+            print(f"  {name}: {error}", file=out)
+    return table
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=120)
+    parser.add_argument("--samples", type=int, default=120,
+                        help="tubes, spread evenly over the selected conditions")
+    parser.add_argument("--conditions", default=None,
+                        help="comma-separated condition names or groups (ideal, realistic, all; default all)")
+    parser.add_argument("--list-conditions", action="store_true", help="print the condition names and exit")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--keep", help="write the simulated tubes here instead of a temporary folder")
     parser.add_argument("--without-reference", action="store_true",
                         help="CAR tubes without their pre-infusion tube: the CAR cut from the sample's own "
                              "negative mode (the fallback when the manifest links no reference)")
     args = parser.parse_args(argv)
+    if args.list_conditions:
+        ideal = {c.name for c in IDEAL_CONDITIONS}
+        for c in CONDITIONS:
+            print(f"{c.name:26s} {c.panel:5s} {'ideal' if c.name in ideal else 'realistic'}")
+        return
+    try:
+        conditions = select_conditions(args.conditions)
+    except ValueError as exc:
+        parser.error(str(exc))
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.keep) if args.keep else Path(scratch)
         tubes = simulate_condition_set(out_dir, args.samples, args.seed,
-                                       with_pre_infusion=not args.without_reference)
+                                       with_pre_infusion=not args.without_reference, conditions=conditions)
         records = [evaluate_tube(path, condition, truth) for path, condition, truth in tubes]
     populations, confusion = summarize(records)
 
-    print(f"{len(records)} simulated tubes (seed {args.seed}"
+    print(f"{len(records)} simulated tubes over {len(conditions)} conditions (seed {args.seed}"
           f"{', CAR tubes without a pre-infusion reference' if args.without_reference else ''}); "
           f"{sum(r.status != 'ok' for r in records)} failed to analyse")
     header = f"{'population':13s} {'n':>4s} {'med err':>8s} {'p95 err':>8s} {'CI cover':>9s} {'med F1':>7s} " \
@@ -46,9 +101,7 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
 
-    def fmt(value, pattern):
-        return pattern.format(value) if value is not None else "-".rjust(len(pattern.format(0.0)))
-
+    fmt = _fmt
     for name, s in populations.items():
         print(f"{name:13s} {s['n']:4d} {fmt(s['median_rel_error'], '{:8.1%}')} {fmt(s['p95_rel_error'], '{:8.1%}')} "
               f"{fmt(s['coverage'], '{:9.1%}')} {fmt(s['median_f1'], '{:7.3f}')} {fmt(s['min_f1'], '{:7.3f}')} "
@@ -82,6 +135,8 @@ def main(argv=None):
         errors = [r.error for r in rs if r.status != "ok"]
         print(f"  {name:24s} {len(rs):3d}   B {sum(b):3d}/{len(b):<3d}  CAR {sum(car):3d}/{len(car):<3d}  "
               f"{'; '.join(errors[:2])}")
+    print("\nAccuracy per condition")
+    print_condition_table(records)
     times = [r.gating_seconds for r in records if r.status == "ok"]
     if times:
         print(f"\nload+compensate+transform+gate per tube: median {statistics.median(times) * 1000:.0f} ms "

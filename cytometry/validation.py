@@ -1,11 +1,17 @@
 """Accuracy against the simulator's truth: the harness behind every accuracy claim.
 
-:func:`simulate_condition_set` writes a seeded, varied set of tubes (gains,
-naming, lymphopenia, debris, tiny files, few beads, B-cell aplasia, CAR+
-from 0.1% to 60% of T cells); :func:`evaluate_tube` gates and counts one tube
-and compares it with its truth; :func:`summarize` turns the records into the
-per-population table printed by ``benchmarks/accuracy.py`` and checked (on a
-reduced set) by the tests.
+:func:`simulate_condition_set` writes a seeded, varied set of tubes over
+:data:`CONDITIONS`: the :data:`IDEAL_CONDITIONS` on the simulator's clean
+defaults (gains, naming, lymphopenia, debris, tiny files, few beads, B-cell
+aplasia, CAR+ from 0.1% to 60% of T cells) and the
+:data:`REALISTIC_CONDITIONS`, which switch on what real instruments and
+patients do to a gate (photon-noise spillover spreading, NK continuum and
+NKT cells, CD45-negative high-scatter debris, basophils and eosinophils,
+dim-subset continua, lymphodepleted, neutropenic and other extreme blood
+compositions). :func:`evaluate_tube` gates and counts one tube and compares
+it with its truth; :func:`summarize` turns the records into the
+per-population table and :func:`summarize_by_condition` into the
+per-condition one printed by ``benchmarks/accuracy.py``.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import numpy as np
 
 from gating import POPULATIONS
 
-from .analysis import AnalysisOptions, analyze_gated, gate_file, t_cell_car_values, with_car_reference
+from .analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, gate_file, t_cell_car_values,
+                       with_car_reference)
 from .simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
 from .simulate import default_concentrations, simulate_tube, write_tube
 
@@ -27,6 +34,8 @@ POPULATION_LABELS = {"beads": ("bead",),
                      **{name: labels for name, labels in SIMULATED_POPULATIONS.items() if name in POPULATIONS}}
 
 ELIGIBILITY_THRESHOLD = 5.0
+#: Lymphosum (T + B + NK events / lymphocyte events) a reviewer accepts: 100 +/- 10 %.
+LYMPHOSUM_TOLERANCE_PCT = 10.0
 
 
 @dataclass
@@ -59,7 +68,9 @@ def _car_fraction(low, high):
     return draw
 
 
-CONDITIONS = [
+#: Conditions on the simulator's clean defaults (the accuracy targets of
+#: tests/test_accuracy_harness.py hold on these).
+IDEAL_CONDITIONS = [
     Condition("typical", "tbnk", lambda rng: (
         {"b_cells": _log_uniform(rng, 0.5, 300), "lymphocytes": float(rng.uniform(800, 2500))},
         {"blood_volume_ul": float(rng.uniform(3, 6))})),
@@ -93,22 +104,226 @@ CONDITIONS = [
 ]
 
 
-def simulate_condition_set(out_dir, n_samples=120, seed=2026, with_pre_infusion=True):
-    """Write ``n_samples`` simulated tubes spread evenly over :data:`CONDITIONS`.
+# ---------------------------------------------------------------------------
+# Less ideal tubes: what real instruments and patients do to a gate
+# ---------------------------------------------------------------------------
 
-    With ``with_pre_infusion``, every CAR tube gets a companion pre-infusion
-    tube of the same subject (``truth["pre_infusion_file"]``), the CAR-negative
-    reference a trial's manifest links.
+def _acquired_blood_ul(rng, lymphocytes):
+    """uL of blood a lab acquires: until ~2,500-3,500 lymphocytes (the usual stop
+    rule), at least 3 uL and at most 12 uL (the acquisition time a lab allows)."""
+    return float(np.clip(rng.uniform(2500, 3500) / max(lymphocytes, 1.0), 3.0, 12.0))
 
-    Returns a list of ``(fcs_path, condition_name, truth)``. Seeded: the
-    same arguments write the same files.
+
+def _blood(rng, *, lymphocytes, monocytes, granulocytes, b_cells=None, basophils=0.0, eosinophils=0.0):
+    """Concentration overrides for :func:`default_concentrations`.
+
+    B cells log-uniform 0.5-300/uL (both sides of the eligibility threshold)
+    unless given, at most 40 % of lymphocytes; NK cells 5-25 % of lymphocytes
+    (adult reference range); T cells the rest.
+    """
+    if b_cells is None:
+        b_cells = _log_uniform(rng, 0.5, 300)
+    b_cells = min(float(b_cells), 0.4 * lymphocytes)
+    return {"lymphocytes": float(lymphocytes), "b_cells": b_cells,
+            "nk_cells": float(rng.uniform(0.05, 0.25)) * float(lymphocytes),
+            "monocytes": float(monocytes), "granulocytes": float(granulocytes),
+            "basophils": float(basophils), "eosinophils": float(eosinophils)}
+
+
+def _normal_blood(rng, **overrides):
+    """Adult reference ranges: lymphocytes 800-2,500, monocytes 200-800,
+    granulocytes 1,800-6,000, basophils 20-100 /uL; eosinophils 2-8 % of the
+    granulocytes (~50-400/uL) unless given."""
+    kwargs = dict(lymphocytes=rng.uniform(800, 2500), monocytes=rng.uniform(200, 800),
+                  granulocytes=rng.uniform(1800, 6000), basophils=rng.uniform(20, 100))
+    eosinophil_share = rng.uniform(0.02, 0.08)
+    kwargs.update(overrides)
+    kwargs.setdefault("eosinophils", eosinophil_share * kwargs["granulocytes"])
+    return _blood(rng, **kwargs)
+
+
+def _lymphodepleted_blood(rng, b_cells=None):
+    """Early after fludarabine/cyclophosphamide lymphodepletion: lymphocytes
+    300-450/uL and 11-28 % of leukocytes, monocytes about as many as
+    lymphocytes (0.7-1.3x), granulocytes 50-80 % of leukocytes."""
+    lymphocytes = rng.uniform(300, 450)
+    leukocytes = lymphocytes / rng.uniform(0.11, 0.28)
+    basophils = rng.uniform(0.0, 0.01) * leukocytes
+    granulocytes = np.clip(leukocytes - lymphocytes - rng.uniform(0.7, 1.3) * lymphocytes - basophils,
+                           0.5 * leukocytes, 0.8 * leukocytes)
+    monocytes = leukocytes - lymphocytes - granulocytes - basophils
+    return _blood(rng, lymphocytes=lymphocytes, monocytes=monocytes, granulocytes=granulocytes,
+                  b_cells=_log_uniform(rng, 0.3, 30) if b_cells is None else b_cells,
+                  basophils=basophils, eosinophils=rng.uniform(0.0, 0.03) * granulocytes)
+
+
+def _extreme_share_blood(rng):
+    """Lymphocytes anywhere from 1 % to 70 % of 2,000-15,000 leukocytes/uL
+    (log-uniform share: severe lymphopenia with neutrophilia up to a
+    lymphocytosis), monocytes 3-12 % and basophils 0-1 %."""
+    leukocytes = rng.uniform(2000, 15000)
+    lymphocytes = _log_uniform(rng, 0.01, 0.70) * leukocytes
+    monocytes = rng.uniform(0.03, 0.12) * leukocytes
+    basophils = rng.uniform(0.0, 0.01) * leukocytes
+    granulocytes = max(leukocytes - lymphocytes - monocytes - basophils, 0.05 * leukocytes)
+    return _blood(rng, lymphocytes=lymphocytes, monocytes=monocytes, granulocytes=granulocytes,
+                  basophils=basophils, eosinophils=rng.uniform(0.0, 0.06) * granulocytes)
+
+
+def _eosinophilic_blood(rng):
+    """Eosinophilia up to hypereosinophilia: 800-4,000 eosinophils/uL on top of
+    1,800-5,000 neutrophils (eosinophils are counted in the granulocytes)."""
+    eosinophils = rng.uniform(800, 4000)
+    return _normal_blood(rng, eosinophils=eosinophils, granulocytes=eosinophils + rng.uniform(1800, 5000))
+
+
+def _realistic_instrument(rng):
+    """Every realism option of :func:`simulate_tube` at once, at realistic levels."""
+    return {"photon_noise": True, "nk_continuum": True, "marker_continua": True,
+            "nkt_fraction": float(rng.uniform(0.02, 0.08)),        # CD3+CD56+ ~2-8 % of T cells
+            "rbc_ghost_fraction": float(rng.uniform(0.0, 0.4)),    # lyse-no-wash: up to ~40 % of events
+            "gain_range": (0.8, 1.25)}
+
+
+def _tbnk(blood_draw, **acquisition):
+    """A TBNK condition: composition from ``blood_draw(rng)``, options from
+    ``acquisition`` (values may be functions of rng)."""
+    def draw(rng):
+        overrides = blood_draw(rng)
+        kwargs = {key: (value(rng) if callable(value) else value) for key, value in acquisition.items()}
+        kwargs.setdefault("blood_volume_ul", _acquired_blood_ul(rng, overrides["lymphocytes"]))
+        return overrides, kwargs
+    return draw
+
+
+def _realistic_tbnk(rng):
+    # a mix of the compositions a trial's screening and follow-up tubes see
+    kind = int(rng.integers(4))
+    blood = (_normal_blood(rng) if kind == 0 else _lymphodepleted_blood(rng) if kind == 1
+             else _extreme_share_blood(rng) if kind == 2
+             else _normal_blood(rng, granulocytes=rng.uniform(100, 500)))
+    return blood, {"blood_volume_ul": _acquired_blood_ul(rng, blood["lymphocytes"]),
+                   **_realistic_instrument(rng), **_styles(rng)}
+
+
+def _realistic_car(rng):
+    # CAR-T follow-up: lymphodepleted or recovering blood, B-cell aplasia, CAR+ 1-30 % of T cells
+    blood = (_lymphodepleted_blood(rng, b_cells=0.0) if rng.integers(2)
+             else _normal_blood(rng, lymphocytes=rng.uniform(400, 1500), b_cells=0.0))
+    t_cells = blood["lymphocytes"] - blood["b_cells"] - blood["nk_cells"]
+    blood["car_t"] = _log_uniform(rng, 0.01, 0.30) * t_cells
+    # the subject's pre-infusion reference tube is acquired with the same
+    # options; instrument tracking keeps gains within ~10 % between visits
+    return blood, {"blood_volume_ul": _acquired_blood_ul(rng, blood["lymphocytes"]),
+                   **_realistic_instrument(rng), **_styles(rng), "gain_range": (0.9, 1.1)}
+
+
+#: Conditions that switch on the simulator's realism options one at a time
+#: (so a failure names its cause), then all together (``realistic_*``).
+REALISTIC_CONDITIONS = [
+    Condition("photon_spread", "tbnk", _tbnk(_normal_blood, photon_noise=True)),
+    Condition("nk_continuum_nkt", "tbnk", _tbnk(
+        _normal_blood, nk_continuum=True, nkt_fraction=lambda rng: float(rng.uniform(0.02, 0.08)))),
+    Condition("rbc_ghosts_10-40pct", "tbnk", _tbnk(
+        _normal_blood, rbc_ghost_fraction=lambda rng: float(rng.uniform(0.10, 0.40)))),
+    Condition("basophils_eosinophils", "tbnk", _tbnk(
+        lambda rng: _normal_blood(rng, basophils=rng.uniform(50, 200), eosinophils=rng.uniform(200, 700)))),
+    Condition("marker_continua", "tbnk", _tbnk(_normal_blood, marker_continua=True)),
+    Condition("lymphodepleted_early", "tbnk", _tbnk(_lymphodepleted_blood)),
+    # severe neutropenia: granulocytes (absolute neutrophil count) < 500/uL
+    Condition("neutropenia", "tbnk", _tbnk(lambda rng: _normal_blood(rng, granulocytes=rng.uniform(100, 500)))),
+    # monocytosis: > 1,000 monocytes/uL (CMML-like, recovery after chemotherapy)
+    Condition("monocytosis", "tbnk", _tbnk(lambda rng: _normal_blood(rng, monocytes=rng.uniform(1000, 3000)))),
+    # eosinophilia up to hypereosinophilia (> 1,500/uL); eosinophils are part of the granulocytes
+    Condition("eosinophilia", "tbnk", _tbnk(_eosinophilic_blood)),
+    Condition("lymphocyte_share_1-70pct", "tbnk", _tbnk(_extreme_share_blood)),
+    Condition("realistic_tbnk", "tbnk", _realistic_tbnk),
+    Condition("realistic_car", "car", _realistic_car),
+]
+
+#: The harness's default set: the ideal conditions and the less ideal ones.
+CONDITIONS = IDEAL_CONDITIONS + REALISTIC_CONDITIONS
+
+
+def select_conditions(names=None):
+    """Conditions by name, or by group (``"ideal"``, ``"realistic"``, ``"all"``).
+
+    Parameters
+    ----------
+    names : str or list of str, optional
+        Comma-separated string or list; default all :data:`CONDITIONS`.
+
+    Returns
+    -------
+    list of Condition
+        In :data:`CONDITIONS` order, without repeats.
+
+    Examples
+    --------
+    >>> [c.name for c in select_conditions("typical,neutropenia")]
+    ['typical', 'neutropenia']
+    >>> len(select_conditions("realistic")) == len(REALISTIC_CONDITIONS)
+    True
+    """
+    if names is None:
+        return list(CONDITIONS)
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    groups = {"all": CONDITIONS, "ideal": IDEAL_CONDITIONS, "realistic": REALISTIC_CONDITIONS}
+    known = {c.name: c for c in CONDITIONS}
+    chosen = set()
+    for name in names:
+        if name in groups:
+            chosen.update(c.name for c in groups[name])
+        elif name in known:
+            chosen.add(name)
+        else:
+            raise ValueError(f"unknown condition {name!r}; choose from {sorted(known)} or {sorted(groups)}")
+    if not chosen:
+        raise ValueError("no condition selected")
+    return [c for c in CONDITIONS if c.name in chosen]
+
+
+def simulate_condition_set(out_dir, n_samples=120, seed=2026, with_pre_infusion=True, conditions=None):
+    """Write ``n_samples`` simulated tubes spread evenly over the conditions.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Folder for the FCS files and their ``truth/``.
+    n_samples : int
+        Tubes to write (not counting pre-infusion companions); tube ``i`` is
+        of condition ``i mod len(conditions)``.
+    seed : int
+        The same arguments write the same files.
+    with_pre_infusion : bool
+        Every CAR tube gets a companion pre-infusion tube of the same subject
+        (``truth["pre_infusion_file"]``), the CAR-negative reference a trial's
+        manifest links, acquired with the same options.
+    conditions : list of Condition or str, optional
+        Default :data:`CONDITIONS`; a string goes through :func:`select_conditions`.
+
+    Returns
+    -------
+    list of (Path, str, dict)
+        ``(fcs_path, condition_name, truth)``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     tubes = simulate_condition_set(d, 2, conditions="neutropenia,realistic_tbnk")
+    ...     [(p.name, name) for p, name, _ in tubes]
+    [('000_neutropenia.fcs', 'neutropenia'), ('001_realistic_tbnk.fcs', 'realistic_tbnk')]
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if conditions is None or isinstance(conditions, str):
+        conditions = select_conditions(conditions)
     rng = np.random.default_rng(seed)
     tubes = []
     for index in range(n_samples):
-        condition = CONDITIONS[index % len(CONDITIONS)]
+        condition = conditions[index % len(conditions)]
         overrides, acquisition = condition.draw(rng)
         car_t = overrides.pop("car_t", None)
         concentrations = default_concentrations(condition.panel, car_t=car_t, **overrides) \
@@ -143,19 +358,54 @@ class TubeRecord:
     eligibility_truth: bool | None = None
     verdict: str | None = None
     near_threshold: bool | None = None
+    #: (T + B + NK events) / lymphocyte events x 100 of the gates (TBNK tubes)
+    lymphosum_pct: float | None = None
+    #: a tube a reviewer would accept: enough singlet beads (the truth's), every
+    #: marker and a sound acquisition (the simulator writes all markers, a steady
+    #: flow and nothing saturated), so a ``qc_fail`` verdict on it is a false alarm
+    good_tube: bool = True
+    panel: str | None = None
 
 
 def evaluate_tube(path, condition, truth, options=None):
-    """Gate and count one simulated tube and compare with its truth."""
+    """Gate and count one simulated tube and compare it with its truth.
+
+    Parameters
+    ----------
+    path : str or Path
+        The FCS file; its labels are read from ``truth/<stem>.labels.npy``.
+    condition : str
+        Condition name, recorded.
+    truth : dict
+        The tube's truth (``pre_infusion_file`` links the CAR reference).
+    options : AnalysisOptions, optional
+        Default: the truth's bead lot and sample volume.
+
+    Returns
+    -------
+    TubeRecord
+        ``status`` ``"error"`` (with ``error``) when gating or counting
+        raised, the reference tube's included: a failure is recorded, never
+        hidden, and never stops a benchmark.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:    # doctest: +SKIP
+    ...     (path, name, truth), = simulate_condition_set(d, 1, conditions="typical")
+    ...     evaluate_tube(path, name, truth).populations["b_cells"]["f1"] > 0.9
+    True
+    """
     options = options or AnalysisOptions(beads_per_test=truth["beads_per_test"],
                                          sample_volume_ul=truth["sample_volume_ul"])
-    if truth.get("pre_infusion_file"):
-        reference = t_cell_car_values(gate_file(truth["pre_infusion_file"], options))
-        options = with_car_reference(options, reference, "pre-infusion tube")
-    record = TubeRecord(file=str(path), condition=condition, status="ok")
+    record = TubeRecord(file=str(path), condition=condition, status="ok",
+                        good_tube=truth["bead_events_singlet"] >= DEFAULT_MIN_BEAD_EVENTS, panel=truth["panel"])
     labels = np.load(Path(path).parent / "truth" / f"{Path(path).stem}.labels.npy")
     names = truth["label_names"]
     try:
+        if truth.get("pre_infusion_file"):
+            reference = t_cell_car_values(gate_file(truth["pre_infusion_file"], options))
+            options = with_car_reference(options, reference, "pre-infusion tube")
         start = time.perf_counter()
         gated = gate_file(path, options)
         record.gating_seconds = time.perf_counter() - start
@@ -182,12 +432,20 @@ def evaluate_tube(path, condition, truth, options=None):
         if population == "car_t":
             entry["f1_ideal_cut"] = _ideal_count_preserving_f1(gated, true_mask)
         record.populations[population] = entry
+    masks = gated.gating.masks
+    if truth["panel"] == "tbnk" and {"lymphocytes", "t_cells", "b_cells", "nk_cells"} <= set(masks):
+        lymphocytes = int(masks["lymphocytes"].sum())
+        if lymphocytes:
+            parts = sum(int(masks[p].sum()) for p in ("t_cells", "b_cells", "nk_cells"))
+            record.lymphosum_pct = 100.0 * parts / lymphocytes
     if truth["panel"] == "tbnk" and result.get("eligibility"):
         record.eligibility_truth = concentrations["b_cells"] > ELIGIBILITY_THRESHOLD
         record.verdict = result["eligibility"]["verdict"]
-        low, high = result["populations"]["b_cells"]["ci95"]
-        # "Near the threshold": the truth lies within one interval width of it.
-        record.near_threshold = abs(concentrations["b_cells"] - ELIGIBILITY_THRESHOLD) <= (high - low)
+        b_count = result["populations"].get("b_cells") or {}
+        if b_count.get("ci95"):
+            low, high = b_count["ci95"]
+            # "Near the threshold": the truth lies within one interval width of it.
+            record.near_threshold = abs(concentrations["b_cells"] - ELIGIBILITY_THRESHOLD) <= (high - low)
     return record
 
 
@@ -268,3 +526,89 @@ def summarize(records, min_events_for_f1=50):
             key = ("indeterminate", "near threshold" if r.near_threshold else "far from threshold")
             confusion[key] = confusion.get(key, 0) + 1
     return populations, confusion
+
+
+def _population_summary(entries, min_events_for_f1):
+    errors = [e["relative_error"] for e in entries if e.get("relative_error") is not None]
+    inside = [e["inside"] for e in entries if "inside" in e]
+    f1 = [e["f1"] for e in entries if e["true_events"] >= min_events_for_f1]
+    return {"n": len(entries),
+            "median_rel_error": float(np.median(errors)) if errors else None,
+            "coverage": float(np.mean(inside)) if inside else None,
+            "median_f1": float(np.median(f1)) if f1 else None,
+            "n_f1": len(f1)}
+
+
+def wrong_verdict(record):
+    """True for an ``eligible`` / ``not_eligible`` verdict that contradicts the truth.
+
+    Examples
+    --------
+    >>> wrong_verdict(TubeRecord("x.fcs", "typical", "ok", eligibility_truth=True, verdict="not_eligible"))
+    True
+    >>> wrong_verdict(TubeRecord("x.fcs", "typical", "ok", eligibility_truth=True, verdict="indeterminate"))
+    False
+    """
+    if record.eligibility_truth is None:
+        return False
+    return record.verdict == ("not_eligible" if record.eligibility_truth else "eligible")
+
+
+def summarize_by_condition(records, min_events_for_f1=50, populations=("b_cells", "lymphocytes", "car_t")):
+    """Accuracy per condition: what a reviewer would see on each kind of tube.
+
+    Parameters
+    ----------
+    records : list of TubeRecord
+    min_events_for_f1 : int
+        F1 only over tubes with at least this many true events of the population.
+    populations : tuple of str
+        Populations summarised per condition.
+
+    Returns
+    -------
+    dict
+        condition -> ``n`` (tubes), ``n_failed`` (analysis raised), ``errors``
+        (first messages), per population ``median_rel_error``, ``coverage``
+        (intervals holding the truth), ``median_f1``, ``n_f1``;
+        ``lymphosum_ok`` (share of TBNK tubes with lymphosum within 100 +/-
+        10 %, ``None`` without TBNK tubes), ``n_good`` and
+        ``qc_fail_among_good`` (share of good tubes - enough beads, all
+        markers, sound acquisition - whose verdict is ``qc_fail``),
+        ``wrong_verdicts`` (eligible/not_eligible contradicting the truth) and
+        ``n_verdicts``. Conditions in the order first seen.
+
+    Examples
+    --------
+    >>> r = TubeRecord("a.fcs", "typical", "ok", eligibility_truth=True, verdict="qc_fail", lymphosum_pct=97.0,
+    ...                panel="tbnk")
+    >>> s = summarize_by_condition([r])["typical"]
+    >>> s["n"], s["lymphosum_ok"], s["qc_fail_among_good"], s["wrong_verdicts"]
+    (1, 1.0, 1.0, 0)
+    """
+    by_condition = {}
+    for r in records:
+        by_condition.setdefault(r.condition, []).append(r)
+    table = {}
+    for condition, rs in by_condition.items():
+        ok = [r for r in rs if r.status == "ok"]
+        row = {"n": len(rs), "n_failed": len(rs) - len(ok), "errors": [r.error for r in rs if r.error][:3]}
+        for name in populations:
+            row[name] = _population_summary([r.populations[name] for r in ok if name in r.populations],
+                                            min_events_for_f1)
+        lymphosums = [r.lymphosum_pct for r in ok if r.lymphosum_pct is not None]
+        row["lymphosum_ok"] = (float(np.mean([abs(x - 100.0) <= LYMPHOSUM_TOLERANCE_PCT for x in lymphosums]))
+                               if lymphosums else None)
+        row["n_lymphosum"] = len(lymphosums)
+        # eligibility is judged on TBNK tubes; a good one whose analysis raised
+        # got no verdict at all, which counts as a qc failure
+        judged = [r for r in rs if r.good_tube and r.panel == "tbnk"
+                  and (r.status != "ok" or r.eligibility_truth is not None)]
+        row["n_good"] = len(judged)
+        row["qc_fail_among_good"] = (float(np.mean([r.status != "ok" or r.verdict == "qc_fail" for r in judged]))
+                                     if judged else None)
+        verdicts = [r for r in ok if r.eligibility_truth is not None]
+        row["n_verdicts"] = len(verdicts)
+        row["wrong_verdicts"] = sum(wrong_verdict(r) for r in verdicts)
+        table[condition] = row
+    return table
