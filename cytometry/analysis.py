@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gating import POPULATIONS, GatingParams, auto_gate
+from gating import GatingParams, auto_gate
+from gating.flags import Flag, unreliable_populations
 
 from ._version import __version__
 from .counts import DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count
@@ -48,6 +49,8 @@ class AnalysisOptions:
         Path of a spillover CSV to use instead of the file's matrix.
     panel_file : str or None
         Marker → channel overrides (see :func:`cytometry.panel.read_panel_file`).
+    panel_dirs : tuple of str
+        Extra folders (or files) of panel definitions (see :mod:`gating.panels`).
     device : str or None
         ``auto``, ``cpu`` or ``gpu`` for the gating kernels.
     lloq_events, min_bead_events : int
@@ -64,6 +67,7 @@ class AnalysisOptions:
     method: str | None = None
     compensation: str | None = None
     panel_file: str | None = None
+    panel_dirs: tuple = ()
     device: str | None = None
     lloq_events: int = DEFAULT_LLOQ_EVENTS
     lod_events: int = DEFAULT_LOD_EVENTS
@@ -76,8 +80,6 @@ class AnalysisOptions:
         return asdict(self)
 
 
-_B_CELL_PARENTS = ("beads", "leukocytes", "lymphocytes", "t_cells", "b_cells")
-_GATING_FAILURES = ("cannot", "not separated", "no bead population", "too few", "no region", "not bimodal")
 
 
 class SampleError(Exception):
@@ -193,8 +195,10 @@ def _choose_counting(row, options, sample, gating):
 
     Returns
     -------
-    method : str
-    count_for : callable(events) -> Count
+    method : str or None
+        ``None`` when no counting method applies (``details["reason"]`` says
+        why); the populations are still reported, in events and % of parent.
+    count_for : callable(events) -> Count, or None
     details : dict
         The constants used (recorded in ``result["counting"]``).
     """
@@ -246,9 +250,9 @@ def _choose_counting(row, options, sample, gating):
         raise SampleError(f"counting method {requested} requested but its inputs are missing "
                           f"(beads: --beads-per-test/--sample-volume-ul; volumetric: $VOL and --dilution-factor; "
                           f"dual-platform: --lymphocytes-per-ul and lymphocyte events)")
-    raise SampleError("no beads per test and sample volume (give --beads-per-test/--sample-volume-ul or the "
-                      "manifest columns beads_per_test/sample_volume_ul), no $VOL with a dilution factor, and no "
-                      "lymphocytes_per_ul for dual-platform counting: no count is possible")
+    return None, None, {"reason": "no beads per test and sample volume (--beads-per-test/--sample-volume-ul or "
+                                  "the manifest columns), no $VOL with a dilution factor, and no lymphocytes_per_ul "
+                                  "for dual-platform counting"}
 
 
 def _base_result(path, row):
@@ -342,7 +346,7 @@ class GatedSample:
     channels : dict
         Marker/scatter name → column of ``data``.
     gating : gating.GatingResult
-    flags : list of str
+    flags : list of gating.flags.Flag
         Preprocessing flags (e.g. no compensation) followed by gating flags.
     """
 
@@ -412,23 +416,34 @@ def gate_file(path, options=None):
     """
     options = options or AnalysisOptions()
     sample = read_fcs(path)
-    overrides = read_panel_file(options.panel_file) if options.panel_file else None
-    panel = resolve_panel(sample.pnn, sample.pns, overrides, override_source=options.panel_file or "panel file")
+    from gating.panels import PanelDefinitionError
+
+    from .panel import _gather, available_panels
+
+    try:
+        panels = available_panels(options.panel_dirs)
+    except PanelDefinitionError as exc:
+        raise SampleError(str(exc)) from None
+    overrides = read_panel_file(options.panel_file, _gather(panels)[0]) if options.panel_file else None
+    panel = resolve_panel(sample.pnn, sample.pns, overrides, override_source=options.panel_file or "panel file",
+                          panels=panels)
     for key in ("FSC-A", "SSC-A"):
         if key not in panel.scatter:
             raise SampleError(f"no {key} channel found (channels: {', '.join(sample.pnn)})")
-    flags = list(sample.read_notes)
+    flags = [Flag("file", "read_note", "info", note) for note in sample.read_notes]
     if sample.dropped_events:
-        flags.append(f"events: {sample.dropped_events} events with NaN or infinite values dropped")
+        flags.append(Flag("events", "non_finite_events", "warning",
+                          f"{sample.dropped_events} events with NaN or infinite values dropped"))
     if options.compensation:
         spillover = read_compensation_csv(options.compensation, sample.pnn)
     else:
         spillover = sample.spillover
     if spillover is None:
-        flags.append("compensation: no spillover matrix in the file and none supplied; data not compensated")
+        flags.append(Flag("compensation", "not_compensated", "fail",
+                          "no spillover matrix in the file and none supplied; data not compensated"))
     data, channels = prepare_events(sample, panel, spillover)
-    gating = auto_gate(data, channels, panel.name, params=options.gating, device=options.device)
-    flags.extend(gating.qc_flags)
+    gating = auto_gate(data, channels, panel.definition or panel.name, params=options.gating, device=options.device)
+    flags.extend(gating.flags)
     return GatedSample(sample=sample, panel=panel, spillover=spillover, data=data, channels=channels,
                        gating=gating, flags=flags)
 
@@ -445,7 +460,16 @@ def analyze_gated(gated, manifest_row=None, options=None):
 
 
 def _count(gated, row, options, result, screening):
-    """Counts, eligibility and provenance for a gated sample, filled into ``result``."""
+    """Counts, eligibility and provenance for a gated sample, filled into ``result``.
+
+    Every reported population gets its events and % of parent, whether or
+    not a counting method applies; cells/µL are ``null`` with the reason
+    when none does. A population whose gate (or an ancestor's) failed its
+    checks is marked ``reliable: false`` with the reasons, and a screening
+    verdict resting on it is ``qc_fail``.
+    """
+    from .qc import review
+
     sample, panel, spillover, gating = gated.sample, gated.panel, gated.spillover, gated.gating
     result["sha256"] = sample.sha256
     result["panel"] = panel.name
@@ -458,47 +482,61 @@ def _count(gated, row, options, result, screening):
                        "beads_per_test": details.get("beads_per_test"),
                        "sample_volume_ul": details.get("sample_volume_ul")}
     count_problems = []
-    if method == "beads":
+    if method is None:
+        count_problems.append(f"no count possible: {details['reason']}")
+        flags.append(Flag("counting", "no_counting_method", "warning", count_problems[-1]))
+    elif method == "beads":
         if bead_events == 0:
             count_problems.append("beads: 0 events, no count possible")
         elif bead_events < options.min_bead_events:
             count_problems.append(f"beads: {bead_events} events < {options.min_bead_events} minimum")
-    for problem in count_problems:
-        if problem not in flags:
-            flags.append(problem)
+        if count_problems:
+            flags.append(Flag("beads", "too_few_beads", "fail", count_problems[-1].split(": ", 1)[1]))
 
     counts = {}
     if count_for is not None:
-        for population in POPULATIONS:
+        for population in gating.populations:
             # Dual-platform counting scales a share of the lymphocytes: only
             # lymphocyte subsets can be counted that way.
-            if population in gating.masks and (method != "dual-platform" or population in LYMPHOCYTE_SUBSETS):
+            if method != "dual-platform" or population in LYMPHOCYTE_SUBSETS:
                 counts[population] = count_for(gating.events(population))
         gate_sd = _gate_count_sd(gating, "car_t")
         if gate_sd and "car_t" in counts:
             counts["car_t"] = widen_for_overlap(counts["car_t"], gate_sd, count_for)
-        result["populations"] = {name: count.as_dict() for name, count in counts.items()}
     for name, count in counts.items():
         if count.below_lloq and name in ("b_cells", "car_t"):
             detected = "not detected, " if count.events < options.lod_events else ""
-            flags.append(f"{name}: {count.events} events < LLOQ of {options.lloq_events} ({detected}"
-                         f"LOD {options.lod_events} events)")
-        if name in result["populations"]:
-            result["populations"][name]["below_lod"] = bool(count.events < options.lod_events)
+            flags.append(Flag(name, "below_lloq", "info", f"{count.events} events < LLOQ of {options.lloq_events} "
+                                                          f"({detected}LOD {options.lod_events} events)"))
 
-    from .qc import review
+    flags.extend(review(gated, options.qc))
+    unreliable = unreliable_populations(flags, gating.parents)
+    populations = {}
+    for name in gating.populations:
+        events = gating.events(name)
+        parent = gating.parent_of(name)
+        parent_events = gating.events(parent) if parent is not None else None
+        entry = {"events": events, "parent": parent,
+                 "pct_of_parent": round(100.0 * events / parent_events, 3) if parent_events else None,
+                 "reliable": name not in unreliable, "unreliable_reasons": unreliable.get(name, [])}
+        if name in counts:
+            entry.update(counts[name].as_dict())
+            entry["below_lod"] = bool(counts[name].events < options.lod_events)
+        else:
+            entry.update(cells_per_ul=None, ci95=None, below_lloq=None, below_lod=None,
+                         method=None, count_reason=details.get("reason") or
+                         f"{method} counting counts lymphocyte subsets only")
+        populations[name] = entry
+    result["populations"] = populations
 
-    reviewer_flags = review(gated, options.qc)
-    flags.extend(text for text, _ in reviewer_flags)
     if screening and "b_cells" in gating.masks:
+        population = options.rule.population
         b_problems = list(count_problems)
-        # Gating failures upstream of the B cells (informational flags do not fail).
-        b_problems += [f for f in gating.qc_flags if f.split(":")[0] in _B_CELL_PARENTS
-                       and any(word in f for word in _GATING_FAILURES)]
-        b_problems += [text for text, fails in reviewer_flags if fails]
-        if spillover is None:
-            b_problems.append("data not compensated")
-        result["eligibility"] = decide(counts.get(options.rule.population), options.rule, b_problems)
+        b_problems += unreliable.get(population, [])
+        # Failing checks that concern the sample as a whole (not one population).
+        b_problems += [str(f) for f in flags if f.fails and f.population not in gating.parents
+                       and str(f) not in b_problems and f.population not in ("beads",)]
+        result["eligibility"] = decide(counts.get(population), options.rule, b_problems)
 
     car_gate = next((g for g in gating.gates if g.name == "car_t"), None)
     if car_gate is not None and car_gate.threshold is not None and np.isfinite(car_gate.threshold):
@@ -518,8 +556,10 @@ def _count(gated, row, options, result, screening):
             # Measured: without the pre-infusion tube the CAR+ interval holds
             # the truth in ~80% of simulated tubes, not ~95% (README, Accuracy).
             why = options.gating.car_reference_source or "no pre-infusion CAR tube linked in the manifest"
-            flags.append(f"car_t: {why}; CAR+ cut from this sample's own negative mode (less accurate)")
-    result["qc_flags"] = flags
+            flags.append(Flag("car_t", "no_car_reference", "warning",
+                              f"{why}; CAR+ cut from this sample's own negative mode (less accurate)"))
+    result["flags"] = [f.as_dict() for f in flags]
+    result["qc_flags"] = [str(f) for f in flags]
     result["device"] = gating.device
     result["compensation"] = {"source": spillover.source if spillover is not None else None,
                               "detectors": list(spillover.detectors) if spillover is not None else []}

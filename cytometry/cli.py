@@ -85,6 +85,9 @@ def _day(result):
 def _cell(count):
     if not count:
         return ""
+    if count.get("cells_per_ul") is None:
+        # No counting method: the gated events still say what was found.
+        return f"{count['events']} events{'' if count.get('reliable', True) else ' UNRELIABLE'}"
     text = f"{count['cells_per_ul']:.3g} [{count['ci95'][0]:.3g}-{count['ci95'][1]:.3g}]"
     return f"<LLOQ {text}" if count["below_lloq"] else text
 

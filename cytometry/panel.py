@@ -14,27 +14,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Canonical marker → accepted names (compared after normalisation, see
-#: :func:`normalise_label`). Longer names win, so ``CD19-Fc`` (a CAR
-#: detection reagent) is never mistaken for CD19.
-MARKER_ALIASES = {
-    "CD45": ["CD45"],
-    "CD3": ["CD3"],
-    "CD4": ["CD4"],
-    "CD8": ["CD8"],
-    "CD19": ["CD19"],
-    "CD16+56": ["CD16+56", "CD16+CD56", "CD56+16", "CD56+CD16", "CD16 56", "CD56 16", "CD16 CD56",
-                "CD56"],
-    "CAR": ["CAR", "CAR19", "ANTI IDIOTYPE", "ANTI-IDIOTYPE", "CD19 FC", "CD19FC", "PROTEIN L",
-            "FMC63", "FMC63 IDIOTYPE"],
-    "VIABILITY": ["VIABILITY", "7 AAD", "7AAD", "LIVE DEAD", "LIVEDEAD", "DAPI", "PI",
-                  "PROPIDIUM IODIDE", "FVS", "ZOMBIE"],
-}
+#: :func:`normalise_label`), gathered from the panel files of
+#: :mod:`gating.panels` (each panel says how labs name its reagents).
+#: Longer names win, so ``CD19-Fc`` (a CAR detection reagent) is never
+#: mistaken for CD19.
+MARKER_ALIASES = {}
 
 #: What each panel needs to give its counts, and what it uses when present.
-PANELS = {
-    "tbnk": {"required": ["CD45", "CD3", "CD19"], "optional": ["CD4", "CD8", "CD16+56"]},
-    "car": {"required": ["CD45", "CD3", "CD19", "CAR"], "optional": ["CD4", "CD8", "VIABILITY"]},
-}
+PANELS = {}
+
+
+def _gather(panels):
+    aliases = {}
+    for panel in panels.values():
+        for marker, names in panel.aliases.items():
+            known = aliases.setdefault(marker, [])
+            known.extend(n for n in names if n not in known)
+    return aliases, {name: {"required": list(p.required), "optional": list(p.optional)} for name, p in panels.items()}
+
+
+def available_panels(extra_dirs=()):
+    """The gating panels (built-in, ``CYTOMETRY_PANELS``, then ``extra_dirs``), by name.
+
+    Examples
+    --------
+    >>> sorted(available_panels())
+    ['car', 'tbnk']
+    """
+    from gating.panels import load_panels
+
+    return load_panels(extra_dirs)
+
+
+MARKER_ALIASES, PANELS = _gather(available_panels())
 
 
 class PanelError(ValueError):
@@ -48,23 +60,30 @@ class Panel:
     Attributes
     ----------
     name : str
-        ``"tbnk"`` or ``"car"`` (recognised from the markers, not the tube name).
+        The panel recognised from the markers (``"tbnk"``, ``"car"``, or one
+        from a panel folder), not from the tube name.
     markers : dict
         Canonical marker → ``$PnN`` of its channel.
     scatter : dict
         ``"FSC-A"``, ``"FSC-H"``, ``"SSC-A"``, ``"Time"`` → ``$PnN`` (those found).
     source : str
         ``"file"`` or the path of the panel file that overrode names.
+    definition : gating.panels.GatingPanel or None
+        The panel's markers, reported populations and gating plan.
     """
 
     name: str
     markers: dict
     scatter: dict
     source: str = "file"
+    definition: object = None
 
     def as_dict(self):
-        return {"name": self.name, "markers": dict(self.markers), "scatter": dict(self.scatter),
-                "source": self.source}
+        out = {"name": self.name, "markers": dict(self.markers), "scatter": dict(self.scatter),
+               "source": self.source}
+        if self.definition is not None:
+            out["definition"] = self.definition.source
+        return out
 
 
 def normalise_label(label):
@@ -84,8 +103,10 @@ def _alias_matches(alias, label):
     return re.search(r"(?:^| )" + re.escape(alias) + r"(?:$| )", label) is not None
 
 
-def match_marker(label):
+def match_marker(label, aliases=None):
     """The canonical marker a ``$PnS`` label names, or ``None``.
+
+    ``aliases`` (canonical marker → names) defaults to every panel's.
 
     Examples
     --------
@@ -96,8 +117,8 @@ def match_marker(label):
     if not label:
         return None
     best, best_len = None, 0
-    for marker, aliases in MARKER_ALIASES.items():
-        for alias in aliases:
+    for marker, names in (aliases or MARKER_ALIASES).items():
+        for alias in names:
             alias_norm = normalise_label(alias)
             if len(alias_norm) > best_len and _alias_matches(alias_norm, label):
                 best, best_len = marker, len(alias_norm)
@@ -124,7 +145,7 @@ def find_scatter_channels(pnn):
     return found
 
 
-def read_panel_file(path):
+def read_panel_file(path, aliases=None):
     """Read a panel override: CSV with columns ``marker,channel``.
 
     ``channel`` is a ``$PnN`` name; ``marker`` any name :func:`match_marker`
@@ -147,15 +168,16 @@ def read_panel_file(path):
             raise PanelError(f"panel file {path} needs the columns marker,channel")
         for row in reader:
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            marker = match_marker(row["marker"]) or normalise_label(row["marker"])
-            if marker not in MARKER_ALIASES:
+            known = aliases or MARKER_ALIASES
+            marker = match_marker(row["marker"], known) or normalise_label(row["marker"])
+            if marker not in known:
                 raise PanelError(f"panel file {path}: unknown marker {row['marker']!r} "
-                                 f"(known: {', '.join(MARKER_ALIASES)})")
+                                 f"(known: {', '.join(known)})")
             overrides[marker] = row["channel"]
     return overrides
 
 
-def resolve_panel(pnn, pns, overrides=None, override_source="panel file"):
+def resolve_panel(pnn, pns, overrides=None, override_source="panel file", panels=None):
     """Find the marker channels of a file and recognise its panel.
 
     Parameters
@@ -165,6 +187,11 @@ def resolve_panel(pnn, pns, overrides=None, override_source="panel file"):
     overrides : dict, optional
         Canonical marker → ``$PnN``, from :func:`read_panel_file`; wins over
         the names in the file.
+    panels : dict, optional
+        Name → :class:`gating.panels.GatingPanel` (default
+        :func:`available_panels`). The panel is the one whose required
+        markers are all found, the most specific (most required markers)
+        first.
 
     Returns
     -------
@@ -183,10 +210,12 @@ def resolve_panel(pnn, pns, overrides=None, override_source="panel file"):
     >>> p.name, p.markers["CD19"]
     ('tbnk', 'FL3-A')
     """
+    panels = panels if panels is not None else available_panels()
+    aliases, _ = _gather(panels)
     overrides = dict(overrides or {})
     candidates = {}
     for name, label in zip(pnn, pns):
-        marker = match_marker(label)
+        marker = match_marker(label, aliases)
         if marker is not None:
             candidates.setdefault(marker, []).append(name)
     markers = {}
@@ -202,11 +231,19 @@ def resolve_panel(pnn, pns, overrides=None, override_source="panel file"):
             raise PanelError(f"{override_source} maps {marker} to channel {channel!r}, which the file lacks "
                              f"(channels: {', '.join(pnn)})")
         markers[marker] = channel
-    name = "car" if "CAR" in markers else "tbnk"
-    missing = [m for m in PANELS[name]["required"] if m not in markers]
-    if missing:
+    # The most specific panel whose required markers are all present; failing
+    # that, the one that comes closest names what is missing.
+    ranked = sorted(panels.values(), key=lambda p: (-sum(m in markers for m in p.required), len(p.required)))
+    complete = [p for p in panels.values() if all(m in markers for m in p.required)]
+    if complete:
+        chosen = max(complete, key=lambda p: len(p.required))
+    else:
+        chosen = ranked[0]
+        missing = [m for m in chosen.required if m not in markers]
         seen = ", ".join(f"{n}={s!r}" if s else n for n, s in zip(pnn, pns))
         raise PanelError(f"required marker{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found "
-                         f"for a {name.upper()} panel; channels seen: {seen}")
-    return Panel(name=name, markers=markers, scatter=find_scatter_channels(pnn),
-                 source="file" if not overrides else override_source)
+                         f"for a {chosen.name.upper()} panel; channels seen: {seen}")
+    wanted = set(chosen.markers)
+    return Panel(name=chosen.name, markers={m: c for m, c in markers.items() if m in wanted},
+                 scatter=find_scatter_channels(pnn), source="file" if not overrides else override_source,
+                 definition=chosen)

@@ -1,8 +1,9 @@
 """Checks a clinical reviewer expects, as flags with reasons.
 
-Each check returns flags written for a reviewer (``lymphosum 84% outside
-100 ± 10%``); the ones that make a count untrustworthy also mark the
-eligibility verdict ``qc_fail``. BD-style TBNK software applies the same
+Each check returns typed :class:`gating.flags.Flag` objects written for a
+reviewer (``lymphosum 84% outside 100 ± 10%``); ``fail`` ones make their
+population (and what is gated inside it) unreliable, and a screening verdict
+resting on it ``qc_fail``. BD-style TBNK software applies the same
 kinds of rules: lymphosum, CD4 + CD8 ≈ CD3, enough lymphocytes acquired, the
 acquisition itself (saturated events, interrupted flow).
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from gating.flags import Flag
 
 
 @dataclass
@@ -24,7 +27,6 @@ class QcRules:
     flow_bins: int = 50
     min_flow_rate_fraction: float = 0.5
     max_flow_gap_fraction: float = 0.05
-    min_valley_depth: float = 0.5
 
 
 def review(gated, rules=None):
@@ -37,42 +39,37 @@ def review(gated, rules=None):
 
     Returns
     -------
-    list of (str, bool)
-        Flag text, and whether it makes the B-cell count untrustworthy
-        (eligibility ``qc_fail``).
+    list of gating.flags.Flag
+        A lymphosum outside its limits fails the lymphocytes (and so every
+        subset); the stop rule, CD4 + CD8 ≠ CD3 and acquisition problems
+        are warnings.
 
     Examples
     --------
     >>> from cytometry.analysis import gate_file
-    >>> review(gate_file("sample_fcs/S02_screening_TBNK.fcs"))  # doctest: +SKIP
-    [('lymphocytes: 2121 events < 2500 (acquisition stop rule)', False)]
+    >>> [str(f) for f in review(gate_file("sample_fcs/S02_screening_TBNK.fcs"))]  # doctest: +SKIP
+    ['lymphocytes: 2121 events < 2500 (acquisition stop rule)']
     """
     rules = rules or QcRules()
     masks = gated.gating.masks
     flags = []
     lymphocytes = int(masks["lymphocytes"].sum()) if "lymphocytes" in masks else 0
     if lymphocytes and lymphocytes < rules.min_lymphocyte_events:
-        flags.append((f"lymphocytes: {lymphocytes} events < {rules.min_lymphocyte_events} "
-                      f"(acquisition stop rule)", False))
+        flags.append(Flag("lymphocytes", "stop_rule", "warning", f"{lymphocytes} events < "
+                          f"{rules.min_lymphocyte_events} (acquisition stop rule)"))
     if lymphocytes and {"t_cells", "b_cells", "nk_cells"} <= set(masks):
         parts = sum(int(masks[p].sum()) for p in ("t_cells", "b_cells", "nk_cells"))
         lymphosum = 100.0 * parts / lymphocytes
         if abs(lymphosum - 100.0) > rules.lymphosum_tolerance_pct:
-            flags.append((f"lymphosum: T+B+NK = {lymphosum:.1f}% of lymphocytes, outside 100 ± "
-                          f"{rules.lymphosum_tolerance_pct:g}%", True))
+            flags.append(Flag("lymphocytes", "lymphosum", "fail", f"lymphosum T+B+NK = {lymphosum:.1f}% of "
+                              f"lymphocytes, outside 100 ± {rules.lymphosum_tolerance_pct:g}%"))
     t_cells = int(masks["t_cells"].sum()) if "t_cells" in masks else 0
     if t_cells >= 100 and {"cd4_t", "cd8_t"} <= set(masks):
         cd4_cd8 = int(masks["cd4_t"].sum()) + int(masks["cd8_t"].sum())
         ratio = 100.0 * cd4_cd8 / t_cells
         if abs(ratio - 100.0) > rules.cd4_cd8_tolerance_pct:
-            flags.append((f"cd4_t+cd8_t: {ratio:.1f}% of CD3+ T cells, outside 100 ± "
-                          f"{rules.cd4_cd8_tolerance_pct:g}%", False))
-    for gate in gated.gating.gates:
-        depth = gate.extra.get("valley_depth") if isinstance(gate.extra, dict) else None
-        if gate.name in ("t_cells", "leukocytes") and depth is not None and 0 < depth < rules.min_valley_depth:
-            marker = gate.dimensions[0].channel if gate.dimensions else gate.name
-            flags.append((f"{gate.name}: {marker} populations not separated (valley depth {depth:.2f} < "
-                          f"{rules.min_valley_depth:g})", True))
+            flags.append(Flag("t_cells", "cd4_cd8_sum", "warning", f"CD4 T + CD8 T = {ratio:.1f}% of CD3+ T cells, "
+                              f"outside 100 ± {rules.cd4_cd8_tolerance_pct:g}%"))
     flags.extend(_acquisition_checks(gated, rules))
     return flags
 
@@ -88,8 +85,8 @@ def _acquisition_checks(gated, rules):
     saturated = (sample.events[:, columns] >= tops - 1).any(axis=1)
     fraction = float(saturated.mean())
     if fraction > rules.max_saturated_fraction:
-        flags.append((f"acquisition: {100 * fraction:.1f}% of events at the top of scale "
-                      f"(> {100 * rules.max_saturated_fraction:g}%)", False))
+        flags.append(Flag("acquisition", "saturated_events", "warning", f"{100 * fraction:.1f}% of events at the "
+                          f"top of scale (> {100 * rules.max_saturated_fraction:g}%)"))
     if "Time" in panel.scatter and sample.n_events >= 20 * rules.flow_bins:
         time = sample.events[:, sample.channel_index(panel.scatter["Time"])]
         if np.ptp(time) > 0:
@@ -97,7 +94,7 @@ def _acquisition_checks(gated, rules):
             median = np.median(counts)
             slow = counts < rules.min_flow_rate_fraction * median
             if slow.mean() > rules.max_flow_gap_fraction:
-                flags.append((f"flow: {100 * slow.mean():.0f}% of the acquisition time below "
-                              f"{100 * rules.min_flow_rate_fraction:g}% of the median event rate "
-                              f"(clog or bubble?)", False))
+                flags.append(Flag("flow", "flow_interrupted", "warning", f"{100 * slow.mean():.0f}% of the "
+                                  f"acquisition time below {100 * rules.min_flow_rate_fraction:g}% of the median "
+                                  f"event rate (clog or bubble?)"))
     return flags

@@ -1,20 +1,11 @@
-"""Automatic gating of TBNK and CAR tubes.
+"""Gating parameters, results, and the CAR+ counting against a negative reference.
 
-The strategy, each step data-driven (no fixed channel values)::
-
-    beads (bright in every fluorescence channel) ─┬─ singlet beads (FSC-A/FSC-H)
-    other events ─ singlets ─ CD45+ leukocytes (valley against debris)
-                 ─ live (viability dye, when the tube has one)
-                 ─ lymphocytes / monocytes / granulocytes (mixture on CD45 × log SSC)
-    lymphocytes ─ T (CD3+, valley) ─ CD4 / CD8 ─ CAR+ (against the pre-infusion tube, else
-                                                   the negative mode of the same sample)
-                ─ B (CD3− CD19+, threshold from the T cells as CD19-negative reference)
-                ─ NK (CD3− CD16/56+, same reference)
-
-Rare populations (B cells near the eligibility threshold, CAR+ cells late
-after infusion) are gated from the positive region of their marker against
-a negative reference, never by a cluster vote, so "absent" is a legitimate
-answer: a tube without B cells gives ~0, not the nearest blob.
+The gating itself is a panel's plan run by :mod:`gating.engine` (the
+populations found from the sample's own valleys and negative
+populations, named by phenotype, every gate checked); :func:`auto_gate` is
+its entry point. This module keeps what the CAR step needs: counting a dim
+positive population against a pre-infusion reference
+(:func:`reference_subtraction_count`, :func:`balanced_positive_threshold`).
 
 Doublets: cells and beads are both counted as singlets. Coincidence takes
 cells and beads at the same rate, so the singlet-cell / singlet-bead ratio is
@@ -22,7 +13,7 @@ unbiased while a count of singlet cells over all beads would be ~4–5% low.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -45,20 +36,22 @@ class GatingParams:
         valleys; wider for few events (half Silverman's bandwidth).
     min_prominence : float
         Peaks smaller than this fraction of the tallest are noise.
+    valley_z : float
+        A valley between two modes is real when the lower peak stands above
+        it by more than this many Poisson SDs (3: a dip that deep arises by
+        chance about once in a thousand); see
+        :func:`gating.engine.significant_modes`.
+    logicle_decades : float
+        Decades the logicle scale spans (its M): one decade is
+        ``1 / logicle_decades`` on the 0–1 scale.
     negative_reference_sd : float
-        A marker is positive above centre + this many robust SDs of its
-        negative reference population (B/NK: the T cells), measured as
-        84th percentile − median; 5 SD keeps false positives far below one
-        event per tube.
+        CAR fallback only: positive above the reference's median + this many
+        robust SDs (84th percentile − median).
     negative_mode_sd : float
-        Same, when the reference is the negative mode of the population
-        itself (CAR, viability), measured on the mode's right flank.
+        CAR fallback only: the same from the negative mode's right flank.
     singlet_sd : float
         Events whose log(FSC-A/FSC-H) exceeds the median by this many
         robust SDs are doublets.
-    region_mahalanobis2 : float
-        Lymphocyte, monocyte and granulocyte regions end at this squared
-        Mahalanobis distance from their component (13.8: the 99.9% ellipse).
     bead_max_scatter_ratio : float
         Beads may have up to this multiple of the beads' median scatter (a
         bead with a speck of debris) but not a cell's (≥ 2×).
@@ -69,12 +62,6 @@ class GatingParams:
     car_reference_source : str
         Where ``car_reference`` came from (file name), recorded with the gate;
         without a reference, why the linked one could not serve (or empty).
-    mixture_bins : int
-        The lymphocyte/monocyte/granulocyte mixture is fitted on a
-        ``mixture_bins``² histogram of CD45 × log SSC.
-    min_valley_depth : float
-        A valley shallower than this (1 − valley / lower peak) is a dip in
-        one noisy mode, not a gap between populations (CD3, CD4, CD8).
     min_positive_events : float
         A mixture's positive component must hold about this many events to
         be taken as a population (CAR+).
@@ -104,9 +91,8 @@ class GatingParams:
     singlet_sd: float = 4.0
     min_peak_events: float = 12.0
     min_positive_events: float = 5.0
-    min_valley_depth: float = 0.5
-    mixture_bins: int = 128
-    region_mahalanobis2: float = 13.8
+    valley_z: float = 3.0
+    logicle_decades: float = 4.5
     bead_max_scatter_ratio: float = 1.6
     car_reference: object = None
     car_reference_source: str = ""
@@ -124,16 +110,50 @@ class GatingParams:
 
 @dataclass
 class GatingResult:
-    """Masks per population, the gates that made them, and gating QC flags."""
+    """Masks per population, the gates that made them, and the gating's own checks.
+
+    Attributes
+    ----------
+    masks : dict
+        Population (and helper gate) name → boolean mask.
+    gates : list of Gate
+    flags : list of gating.flags.Flag
+    device : str
+    params : GatingParams
+    parents : dict
+        Gate name → parent gate name.
+    unreliable : dict
+        Population → reasons, for every population whose gate (or an
+        ancestor's) failed its checks.
+    populations : list of str
+        The panel's reported populations, in order.
+    panel : str
+    """
 
     masks: dict
     gates: list
-    qc_flags: list
+    flags: list
     device: str
     params: GatingParams
+    parents: dict = field(default_factory=dict)
+    unreliable: dict = field(default_factory=dict)
+    populations: list = field(default_factory=list)
+    panel: str = ""
 
     def events(self, population):
         return int(self.masks[population].sum())
+
+    @property
+    def qc_flags(self):
+        """The flags as one-line strings (``population: message``)."""
+        return [str(flag) for flag in self.flags]
+
+    def parent_of(self, population):
+        """The nearest reported population above ``population`` (``None`` at the top)."""
+        node = self.parents.get(population)
+        while node is not None and node not in self.populations:
+            node = self.parents.get(node)
+        return node
 
 
 def _probe(values, size=40000):
@@ -557,103 +577,8 @@ def balanced_positive_threshold(values, params, reference=None):
     return float(threshold), info
 
 
-def _leukocyte_starting_means(features, params):
-    """Starting means (CD45, log SSC) for lymphocytes, monocytes, granulocytes.
-
-    Taken from the modes of log SSC (lowest = lymphocytes, highest =
-    granulocytes, the tallest in between = monocytes, or the midpoint when
-    monocytes show no mode of their own), so EM starts from the right
-    populations whatever their proportions.
-    """
-    density, centers = _density(features[:, 1], params)
-    peaks = find_peaks_1d(density, params.min_prominence)
-    if len(peaks) >= 2:
-        low, high = centers[peaks[0]], centers[peaks[-1]]
-        middle = [p for p in peaks[1:-1]]
-        mid = centers[max(middle, key=lambda p: density[p])] if middle else 0.5 * (low + high)
-    else:
-        low, mid, high = np.percentile(features[:, 1], [10, 50, 90])
-    starts = []
-    width = 0.1 * (features[:, 1].max() - features[:, 1].min() + 1e-9)
-    for ssc in (low, mid, high):
-        near = np.abs(features[:, 1] - ssc) < width
-        cd45 = np.median(features[near, 0]) if near.any() else np.median(features[:, 0])
-        starts.append([cd45, ssc])
-    return np.array(starts)
-
-
-class _GateBuilder:
-    """Adds gates in order and keeps every gate's event mask."""
-
-    def __init__(self, data, channels):
-        self.data, self.channels = data, channels
-        self.gates, self.masks = [], {}
-
-    def add(self, gate):
-        self.masks[gate.name] = gate_contains(gate, self.data, self.channels, self.masks)
-        self.gates.append(gate)
-        return self.masks[gate.name]
-
-    def values(self, channel, transform="logicle"):
-        from .geometry import axis_values
-
-        return axis_values(self.data, self.channels, Dimension(channel, transform))
-
-
-def _range_gate(name, parent, channel, *, minimum=None, maximum=None, transform="logicle", method="", extra=None):
-    return Gate(name, parent, "rectangle", [Dimension(channel, transform, minimum, maximum)], method=method,
-                extra=extra or {})
-
-
-def _region_polygons(fit, features, params, n_grid=160):
-    """Polygons of the lymphocyte, monocyte and granulocyte regions in (CD45, log SSC).
-
-    Each grid cell takes the component of highest posterior, provided the
-    cell lies within the 99.9% ellipse of that component (Mahalanobis² ≤
-    13.8 for 2 dimensions), so far outliers — debris tails, doublets — stay
-    out of every region. The largest connected piece of each region becomes
-    a polygon (its contour, simplified to half a grid cell).
-    """
-    from skimage.measure import approximate_polygon, find_contours, label
-
-    means = to_numpy(fit.means)
-    covariances = to_numpy(fit.covariances)
-    lo = np.percentile(_probe(features), 0.01, axis=0)
-    hi = np.percentile(_probe(features), 99.99, axis=0)
-    span = hi - lo
-    lo, hi = lo - 0.1 * span, hi + 0.1 * span
-    gx = np.linspace(lo[0], hi[0], n_grid)
-    gy = np.linspace(lo[1], hi[1], n_grid)
-    grid = np.column_stack([np.repeat(gx, n_grid), np.tile(gy, n_grid)])
-    log_prob = to_numpy(fit._log_prob(grid))
-    best = log_prob.argmax(axis=1)
-    maha = np.empty(grid.shape[0])
-    for j in range(means.shape[0]):
-        rows = best == j
-        diff = grid[rows] - means[j]
-        maha[rows] = np.einsum("ij,jk,ik->i", diff, np.linalg.inv(covariances[j]), diff)
-    best = np.where(maha <= params.region_mahalanobis2, best, -1).reshape(n_grid, n_grid)
-    step = np.array([gx[1] - gx[0], gy[1] - gy[0]])
-    polygons = []
-    for j in range(means.shape[0]):
-        pieces = label(best == j, connectivity=1)
-        if pieces.max() == 0:
-            polygons.append(None)
-            continue
-        # The piece holding the component's mean (else the largest).
-        cell = np.clip(np.round((means[j] - lo) / step).astype(int), 0, n_grid - 1)
-        keep = pieces[cell[0], cell[1]] or np.argmax(np.bincount(pieces.ravel())[1:]) + 1
-        padded = np.pad((pieces == keep).astype(float), 1)
-        contours = find_contours(padded, 0.5)
-        contour = max(contours, key=len)
-        contour = approximate_polygon(contour, tolerance=0.5)
-        xy = (contour - 1.0) * step + lo  # padded grid index → data coordinates
-        polygons.append([(float(x), float(y)) for x, y in xy[:-1]])
-    return polygons
-
-
 def auto_gate(data, channels, panel, *, params=None, device=None):
-    """Gate a transformed event matrix into the standard populations.
+    """Gate a transformed event matrix by a panel's gating plan.
 
     Parameters
     ----------
@@ -662,22 +587,21 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         0–1 scale, scatter channels linear divided by their range.
     channels : dict
         Marker or scatter name → column of ``data``. Markers use the
-        canonical names of :mod:`cytometry.panel` (``CD45``, ``CD3``,
-        ``CD19``, ``CAR``, ``VIABILITY``...); scatter ``FSC-A``, ``FSC-H``,
-        ``SSC-A``.
-    panel : {"tbnk", "car"}
+        canonical names of the panel (``CD45``, ``CD3``, ``CD19``, ``CAR``,
+        ``VIABILITY``...); scatter ``FSC-A``, ``FSC-H``, ``SSC-A``.
+    panel : str or gating.panels.GatingPanel
+        A panel name (``"tbnk"``, ``"car"``, or one from a panel folder) or
+        a loaded panel.
     params : GatingParams, optional
     device : {"auto", "cpu", "gpu"}, optional
-        Where the clustering runs.
+        Where the density kernels run.
 
     Returns
     -------
     GatingResult
-        Boolean masks (NumPy) for ``beads``, ``leukocytes``, ``lymphocytes``,
-        ``monocytes``, ``granulocytes``, ``t_cells``, ``b_cells`` and, when
-        the panel has their markers, ``cd4_t``, ``cd8_t``, ``nk_cells``,
-        ``car_t``; every mask is the evaluation of the gates in
-        ``GatingResult.gates`` (see :mod:`gating.geometry`).
+        Boolean masks (NumPy) for every population of the plan; every mask
+        is the evaluation of the gates in ``GatingResult.gates`` (see
+        :mod:`gating.geometry`); typed flags and the unreliable populations.
 
     Examples
     --------
@@ -685,220 +609,13 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     >>> result.events("b_cells")  # doctest: +SKIP
     612
     """
+    from .engine import run_plan
+    from .panels import load_panels
+
     params = params or GatingParams()
-    xp, device_name = get_array_module(device)
-    data = np.asarray(data, dtype=np.float64)
-    n = data.shape[0]
-    build = _GateBuilder(data, channels)
-    flags = []
-    fluorescence = [name for name in channels if name not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
-
-    # Beads: bright in every fluorescence channel, so the dimmest channel of an
-    # event separates them from cells (no cell is positive for all markers).
-    # On log density a few hundred beads stand out beside 10^5 cells. Cells
-    # (and debris) are the lowest mode; beads sit across a nearly empty gap
-    # above them. The deepest point between the lowest and the brightest mode
-    # is that gap; modes among cells are separated by shallow dips only, so a
-    # tube without beads finds no deep gap and reports none.
-    bead_score = data[:, [channels[c] for c in fluorescence]].min(axis=1)
-    density, centers, sigma = _density(bead_score, params, log_counts=True, with_sigma=True)
-    peaks = _real_peaks(density, params, 0.2, True, sigma)
-    bead_threshold = None
-    if len(peaks) >= 2:
-        valley = valley_between(density, peaks[0], peaks[-1])
-        depth = 1.0 - density[valley] / max(min(density[peaks[0]], density[peaks[-1]]), 1e-12)
-        if depth >= params.bead_gap_depth:
-            bead_threshold = float(centers[valley])
-    if bead_threshold is None:
-        flags.append("beads: no bead population found (no bright mode in every fluorescence channel)")
-        bead_threshold = float(np.max(bead_score)) + 1.0  # a gate no event passes
-    bright = build.add(Gate("bead_bright", None, "rectangle",
-                            [Dimension(c, "logicle", bead_threshold, None) for c in fluorescence],
-                            method="above the valley between the cells' mode and the bright mode of the "
-                                   "dimmest fluorescence channel"))
-
-    # Singlet beads: a tight, low scatter. A bead stuck to a cell has a cell's
-    # scatter (>= 2x a bead's) and is neither a bead nor a cell; a bead with a
-    # speck of debris still counts, as a cell with one does (their pulses
-    # barely change), which keeps the cell/bead ratio unbiased in dirty tubes.
-    scatter_dims = []
-    for key in ("FSC-A", "SSC-A"):
-        if key in channels and bright.sum() >= 5:
-            values = build.values(key, "linear")[bright]
-            positive = values[values > 0]
-            center, scale = robust_location_scale(np.log(positive)) if positive.size else (0.0, 0.0)
-            spread = params.bead_scatter_sd * max(scale, 1e-3)
-            scatter_dims.append(Dimension(key, "linear", float(np.exp(center - spread)),
-                                          float(np.exp(center + max(spread, np.log(params.bead_max_scatter_ratio))))))
-    build.add(Gate("beads", "bead_bright", "rectangle", scatter_dims,
-                   method="bead scatter: median / e^(k·SD) to median × max(e^(k·SD), "
-                          f"{params.bead_max_scatter_ratio}) on FSC-A and SSC-A",
-                   extra={"k": params.bead_scatter_sd}))
-
-    # Cells: not bright in every channel; singlets by FSC-A against FSC-H.
-    build.add(Gate("not_beads", None, "not", complement_of="bead_bright",
-                   method="events not bright in every fluorescence channel"))
-    if "FSC-A" in channels and "FSC-H" in channels:
-        fsc_a = build.values("FSC-A", "linear")
-        fsc_h = build.values("FSC-H", "linear")
-        usable = build.masks["not_beads"] & (fsc_a > 0) & (fsc_h > 0)
-        log_ratio = np.log(fsc_a[usable]) - np.log(fsc_h[usable])
-        center, scale = robust_location_scale(_probe(log_ratio)) if log_ratio.size else (0.0, 0.0)
-        ratio = float(np.exp(center + params.singlet_sd * max(scale, 1e-3)))
-        # FSC-A <= ratio × FSC-H as a polygon (a wedge) in the FSC-A × FSC-H plane.
-        wedge = [(-1.0, -1.0 / ratio), (4.0 * ratio, 4.0), (-1.0, 4.0)]
-        build.add(Gate("singlets", "not_beads", "polygon",
-                       [Dimension("FSC-A", "linear"), Dimension("FSC-H", "linear")], vertices=wedge,
-                       method="FSC-A / FSC-H below median + k·robust SD (log ratio) of non-bead events",
-                       extra={"max_area_to_height": ratio, "k": params.singlet_sd}))
-    else:
-        flags.append("singlets: no FSC-A/FSC-H pair, doublets not excluded")
-        build.add(Gate("singlets", "not_beads", "rectangle", [], method="no FSC-H: all non-bead events"))
-    cells = build.masks["singlets"]
-
-    # CD45+ leukocytes against debris: the deepest valley between neighbouring
-    # modes of the log density is the nearly empty gap below the dimmest
-    # leukocytes (granulocytes); valleys among leukocyte modes are shallow.
-    cd45 = build.values("CD45")
-    threshold, depth = valley_threshold(cd45[cells], params, log_counts=True)
-    method = "deepest valley of the log density (debris gap)"
-    if threshold is None or depth < params.bead_gap_depth:
-        # Too little debris to form a mode: cut below the dimmest leukocyte mode.
-        density, centers, sigma = _density(cd45[cells], params, log_counts=True, with_sigma=True)
-        peaks = _real_peaks(density, params, params.min_prominence, True, sigma) or [int(np.argmax(density))]
-        lowest = peaks[0]
-        linear = np.expm1(density)
-        spread = _upper_spread(linear, centers, lowest, direction=-1)
-        threshold = float(centers[lowest] - params.negative_reference_sd * spread)
-        method = "no debris gap: below the dimmest CD45 mode by k x its left-flank SD"
-        flags.append("leukocytes: no debris mode on CD45; cut below the dimmest leukocyte mode")
-    leukocytes = build.add(_range_gate("leukocytes", "singlets", "CD45", minimum=threshold, method=method,
-                                       extra={"valley_depth": depth}))
-    parent = "leukocytes"
-    if "VIABILITY" in channels:
-        viability = build.values("VIABILITY")
-        live_cut, info = positive_threshold(viability[leukocytes], params)
-        leukocytes = build.add(_range_gate("live", "leukocytes", "VIABILITY", maximum=live_cut,
-                                           method=info.pop("method"), extra=info))
-        parent = "live"
-
-    # Lymphocytes / monocytes / granulocytes: a 3-component mixture on CD45 × log SSC,
-    # drawn as polygons so the gates can be exported and re-applied.
-    ssc_log = build.values("SSC-A", "log")
-    features = np.column_stack([cd45[leukocytes], ssc_log[leukocytes]])
-    features = features[np.isfinite(features).all(axis=1)]
-    population_gates = {"lymphocytes": None, "monocytes": None, "granulocytes": None}
-    if features.shape[0] >= 30:
-        init = _leukocyte_starting_means(features, params)
-        # Fit on the 2-D histogram (bin centres weighted by counts): the cost no
-        # longer grows with the number of events, and the fit barely changes.
-        counts, x_edges, y_edges = histogram_2d(features[:, 0], features[:, 1], bins=params.mixture_bins)
-        gx, gy = np.meshgrid(0.5 * (x_edges[1:] + x_edges[:-1]), 0.5 * (y_edges[1:] + y_edges[:-1]),
-                             indexing="ij")
-        occupied = counts.ravel() > 0
-        centres = np.column_stack([gx.ravel()[occupied], gy.ravel()[occupied]])
-        fit = fit_gaussian_mixture(xp.asarray(centres), 3, init_means=xp.asarray(init), seed=params.seed,
-                                   weights=xp.asarray(counts.ravel()[occupied]), reg_covar=1e-5)
-        order = np.argsort(to_numpy(fit.means)[:, 1])  # by SSC: lymphocytes, monocytes, granulocytes
-        polygons = _region_polygons(fit, features, params)
-        means = to_numpy(fit.means)
-        for name, component in zip(population_gates, order):
-            if polygons[component] is None:
-                flags.append(f"{name}: no region found in CD45 x SSC")
-                continue
-            population_gates[name] = Gate(
-                name, parent, "polygon", [Dimension("CD45", "logicle"), Dimension("SSC-A", "log")],
-                vertices=polygons[component],
-                method="3-component Gaussian mixture on CD45 x log SSC: region of highest posterior "
-                       "within the component's 99.9% ellipse",
-                extra={"component_mean": means[component].tolist(),
-                       "component_weight": float(to_numpy(fit.weights)[component])})
-    else:
-        flags.append(f"lymphocytes: only {features.shape[0]} leukocyte events, cannot gate")
-    for name, gate in population_gates.items():
-        if gate is None:
-            gate = Gate(name, parent, "rectangle", [Dimension("CD45", "logicle", np.inf, None)],
-                        method="not gated")
-        build.add(gate)
-    lymph, mono, gran = (build.masks[k] for k in ("lymphocytes", "monocytes", "granulocytes"))
-
-    # T cells: CD3 is bimodal in lymphocytes (T cells are most of them).
-    cd3 = build.values("CD3")
-    cd3_cut, depth = valley_threshold(cd3[lymph], params, log_counts=True) if lymph.sum() >= 10 else (None, 0.0)
-    if cd3_cut is not None and depth < params.min_valley_depth:
-        cd3_cut = None  # a dip inside one noisy mode, not a gap between two populations
-    cd3_info = {"method": "valley (log density)", "valley_depth": depth}
-    myeloid = mono | gran
-    if cd3_cut is None and myeloid.sum() >= 20:
-        # Too few CD3- lymphocytes to form a mode (B-cell aplasia, few NK):
-        # monocytes and granulocytes are CD3-negative and carry at least the
-        # lymphocytes' autofluorescence, so they bound the negatives from above.
-        cd3_cut, cd3_info = positive_threshold(cd3[lymph], params, reference=cd3[myeloid])
-        cd3_info["reference"] = "monocytes and granulocytes of the same sample"
-    if cd3_cut is None:
-        flags.append("t_cells: CD3 not bimodal in lymphocytes and no CD3-negative reference; "
-                     "T/non-T not separated")
-        cd3_cut = float("inf")
-    method = cd3_info.pop("method")
-    t_cells = build.add(_range_gate("t_cells", "lymphocytes", "CD3", minimum=cd3_cut, method=method, extra=cd3_info))
-    build.add(_range_gate("cd3_negative", "lymphocytes", "CD3", maximum=cd3_cut, method=method))
-
-    def reference_cut(marker, population):
-        values = build.values(marker)
-        if t_cells.sum() < 20:
-            flags.append(f"{population}: too few T cells ({int(t_cells.sum())}) as {marker}-negative reference")
-            return float("inf"), {"method": "no reference"}
-        cut, info = positive_threshold(values[build.masks["cd3_negative"]], params, reference=values[t_cells])
-        info["reference"] = "T cells of the same sample"
-        return cut, info
-
-    cd19_cut, info = reference_cut("CD19", "b_cells")
-    build.add(_range_gate("b_cells", "cd3_negative", "CD19", minimum=cd19_cut, method=info.pop("method"), extra=info))
-    if "CD16+56" in channels:
-        nk_cut, info = reference_cut("CD16+56", "nk_cells")
-        build.add(Gate("nk_cells", "cd3_negative", "rectangle",
-                       [Dimension("CD16+56", "logicle", nk_cut, None), Dimension("CD19", "logicle", None, cd19_cut)],
-                       method=info.pop("method") + "; CD19-negative", extra=info))
-
-    if "CD4" in channels and "CD8" in channels and t_cells.sum() >= 10:
-        cuts = {}
-        for marker in ("CD4", "CD8"):
-            values = build.values(marker)
-            cut, depth = valley_threshold(values[t_cells], params, log_counts=True)
-            if cut is not None and depth < params.min_valley_depth:
-                cut = None
-            info = {"method": "valley (log density)", "valley_depth": depth}
-            if cut is None and gran.sum() >= 20:
-                # Few T cells: granulocytes are CD4- and CD8-, a negative reference.
-                cut, info = positive_threshold(values[t_cells], params, reference=values[gran])
-                info["reference"] = "granulocytes of the same sample"
-            if cut is None:
-                flags.append(f"{marker.lower()}_t: {marker} not bimodal in T cells")
-                cut = float("inf")
-            cuts[marker] = (cut, info)
-        (cd4_cut, cd4_info), (cd8_cut, cd8_info) = cuts["CD4"], cuts["CD8"]
-        build.add(Gate("cd4_t", "t_cells", "rectangle",
-                       [Dimension("CD4", "logicle", cd4_cut, None), Dimension("CD8", "logicle", None, cd8_cut)],
-                       method=f"CD4+ ({cd4_info.pop('method')}), CD8-", extra={"CD4": cd4_info}))
-        build.add(Gate("cd8_t", "t_cells", "rectangle",
-                       [Dimension("CD8", "logicle", cd8_cut, None), Dimension("CD4", "logicle", None, cd4_cut)],
-                       method=f"CD8+ ({cd8_info.pop('method')}), CD4-", extra={"CD8": cd8_info}))
-
-    if "CAR" in channels:
-        car = build.values("CAR")
-        if t_cells.sum() >= 20:
-            reference = params.car_reference
-            cut, info = balanced_positive_threshold(car[t_cells], params, reference=reference)
-            info["reference"] = params.car_reference_source if reference is not None else \
-                "negative mode of the same sample"
-            shift = info.get("reference_shift")
-            if shift is not None and abs(shift) > params.car_reference_max_shift:
-                flags.append(f"car_t: the pre-infusion reference's CAR negatives sit {shift:+.3f} logicle units "
-                             f"from this tube's (detector gain about {10 ** (abs(shift) * 4.5):.1f}x different); "
-                             f"CAR+ count less certain")
-        else:
-            flags.append(f"car_t: too few T cells ({int(t_cells.sum())}) to set a CAR threshold")
-            cut, info = float("inf"), {"method": "no threshold"}
-        build.add(_range_gate("car_t", "t_cells", "CAR", minimum=cut, method=info.pop("method"), extra=info))
-
-    return GatingResult(masks=build.masks, gates=build.gates, qc_flags=flags, device=device_name, params=params)
+    if isinstance(panel, str):
+        panels = load_panels()
+        if panel not in panels:
+            raise ValueError(f"unknown panel {panel!r} (known: {', '.join(panels)})")
+        panel = panels[panel]
+    return run_plan(data, channels, panel, params, device=device)
