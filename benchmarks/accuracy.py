@@ -35,6 +35,13 @@ def _fmt(value, pattern):
     return pattern.format(value) if value is not None else "-".rjust(len(pattern.format(0.0)))
 
 
+def _fmt_error(value):
+    """A relative error in 6 characters; errors of 10x and more print as ``>999%``."""
+    if value is not None and value >= 9.995:
+        return " >999%"
+    return _fmt(value, "{:6.1%}")
+
+
 def print_condition_table(records, out=sys.stdout):
     """The per-condition accuracy table (see ``summarize_by_condition``)."""
     table = summarize_by_condition(records)
@@ -47,9 +54,9 @@ def print_condition_table(records, out=sys.stdout):
     for name, row in table.items():
         b, lymph = row["b_cells"], row["lymphocytes"]
         marker = " " if name in ideal else "*"
-        print(f"{name + marker:26s} {row['n']:3d} | {_fmt(b['median_rel_error'], '{:6.1%}')} "
+        print(f"{name + marker:26s} {row['n']:3d} | {_fmt_error(b['median_rel_error'])} "
               f"{_fmt(b['coverage'], '{:5.0%}')} {_fmt(b['median_f1'], '{:5.3f}')} | "
-              f"{_fmt(lymph['median_rel_error'], '{:6.1%}')} {_fmt(lymph['coverage'], '{:5.0%}')} "
+              f"{_fmt_error(lymph['median_rel_error'])} {_fmt(lymph['coverage'], '{:5.0%}')} "
               f"{_fmt(lymph['median_f1'], '{:5.3f}')} | {_fmt(row['lymphosum_ok'], '{:7.0%}')} | "
               f"{_fmt(row['qc_fail_among_good'], '{:6.0%}')} {row['n_good']:6d} | "
               f"{row['wrong_verdicts']:5d} {row['n_verdicts']:6d} | {row['n_failed']:6d}", file=out)
