@@ -1412,6 +1412,14 @@ def main(argv=None) -> int:
     t.add_argument("--spill-keyword", choices=SPILL_KEYWORDS, default="$SPILLOVER")
     t.add_argument("--shuffle-channels", action="store_true")
     t.add_argument("--no-vol", action="store_true", help="do not write $VOL")
+    t.add_argument("--basophils", type=float, default=0.0, help="basophils/uL")
+    t.add_argument("--eosinophils", type=float, default=0.0, help="eosinophils/uL (part of the granulocytes)")
+    t.add_argument("--photon-noise", action="store_true", help="photoelectron statistics (spillover spreading)")
+    t.add_argument("--nk-continuum", action="store_true", help="CD56-bright and CD8-dim NK subsets")
+    t.add_argument("--nkt-fraction", type=float, default=0.0, help="share of T cells that are NKT-like")
+    t.add_argument("--rbc-ghost-fraction", type=float, default=0.0,
+                   help="CD45-negative debris with lymphocyte scatter, share of events")
+    t.add_argument("--marker-continua", action="store_true", help="dim subsets between the modes")
     args = ap.parse_args(argv)
 
     if args.command == "sample-set":
@@ -1422,13 +1430,15 @@ def main(argv=None) -> int:
         print(f"{len(paths)} FCS files; total size of {args.out_dir}: {size} bytes ({size / 1e6:.2f} MB)")
         return 0
     conc = default_concentrations(args.panel, lymphocytes=args.lymphocytes, b_cells=args.b_cells,
-                                  car_t=args.car_t)
+                                  car_t=args.car_t, basophils=args.basophils, eosinophils=args.eosinophils)
     tube = simulate_tube(args.panel, seed=args.seed, concentrations=conc,
                          blood_volume_ul=args.blood_volume, beads_per_test=args.beads_per_test,
                          sample_volume_ul=args.sample_volume, doublet_rate=args.doublet_rate,
                          marker_style=args.marker_style, detector_style=args.detector_style,
                          spill_keyword=args.spill_keyword, shuffle_channels=args.shuffle_channels,
-                         write_vol=not args.no_vol)
+                         write_vol=not args.no_vol, photon_noise=args.photon_noise,
+                         nk_continuum=args.nk_continuum, nkt_fraction=args.nkt_fraction,
+                         rbc_ghost_fraction=args.rbc_ghost_fraction, marker_continua=args.marker_continua)
     path = write_tube(tube, args.out)
     tr = tube.truth
     print(f"{path}: {tube.n_events} events, {tr['bead_events_singlet']} singlet beads, "

@@ -595,6 +595,13 @@ def test_cli_tube(tmp_path):
     truth = json.loads((tmp_path / "truth" / "cli.json").read_text())
     assert truth["concentrations_per_ul"]["b_cells"] == 12.0 and truth["seed"] == 3
     assert "FL5-A" in flowkit.Sample(out).pnn_labels
+    assert truth["realism"]["photon_noise"] is False
+    real = tmp_path / "real.fcs"
+    assert simulate.main(["tube", str(real), "--seed", "3", "--blood-volume", "0.5", "--photon-noise",
+                          "--nkt-fraction", "0.05", "--rbc-ghost-fraction", "0.3", "--basophils", "50"]) == 0
+    truth = json.loads((tmp_path / "truth" / "real.json").read_text())
+    assert truth["realism"]["photon_noise"] and truth["realism"]["nkt_fraction"] == 0.05
+    assert truth["label_counts"]["rbc_ghost"] > 0 and truth["concentrations_per_ul"]["basophils"] == 50
 
 
 def test_docstring_examples():
