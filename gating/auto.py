@@ -41,6 +41,10 @@ class GatingParams:
         it by more than this many Poisson SDs (3: a dip that deep arises by
         chance about once in a thousand); see
         :func:`gating.engine.significant_modes`.
+    tail_false_positives : float
+        Where a marker shows no valley (positives absent or rare), the cut
+        is set in the negatives' own tail so that this many of them are
+        expected above it (0.05: a false positive in one tube in twenty).
     logicle_decades : float
         Decades the logicle scale spans (its M): one decade is
         ``1 / logicle_decades`` on the 0–1 scale.
@@ -92,6 +96,7 @@ class GatingParams:
     min_peak_events: float = 12.0
     min_positive_events: float = 5.0
     valley_z: float = 3.0
+    tail_false_positives: float = 0.05
     logicle_decades: float = 4.5
     bead_max_scatter_ratio: float = 1.6
     car_reference: object = None

@@ -144,8 +144,8 @@ def significant_modes(counts, sigma_bins, z=3.0):
     >>> values = np.concatenate([rng.normal(0, 1, 3000), rng.normal(6, 1, 1000)])
     >>> counts, centers, sigma = smoothed_density(values)
     >>> modes, valleys = significant_modes(counts, sigma)
-    >>> len(modes), round(float(centers[valleys[0][0]]))
-    (2, 4)
+    >>> len(modes), 2.5 < float(centers[valleys[0][0]]) < 4.5
+    (2, True)
     """
     window = np.sqrt(2 * np.pi) * sigma_bins  # bins a kernel-wide window spans
 
@@ -196,7 +196,7 @@ def lower_flank_spread(values, mode):
     return float(np.quantile(below, 0.6827))
 
 
-def positive_cut(values, *, z=3.0, bins=256, xp=np):
+def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
     """Cut between a marker's negative and positive events, and how it was found.
 
     Parameters
@@ -206,6 +206,9 @@ def positive_cut(values, *, z=3.0, bins=256, xp=np):
         when there are any).
     z : float
         Significance of a real valley (:func:`significant_modes`).
+    false_positives : float
+        Without a valley: the expected number of negatives above the cut
+        (0.05: a false positive in about one tube in twenty).
 
     Returns
     -------
@@ -219,9 +222,10 @@ def positive_cut(values, *, z=3.0, bins=256, xp=np):
     -----
     With two or more real modes the cut is at the valley of the highest
     z-score: the clearest gap. With one, the dominant mode is the negatives
-    and the cut is ``mode + q·σ_low`` with ``q = Φ⁻¹(1 − 1/n)``: a Gaussian
-    negative population of ``n`` events then puts under one event above the
-    cut, and a population that is absent reads about zero.
+    and the cut is ``mode + q·σ_low`` with ``q = Φ⁻¹(1 − false_positives/n)``:
+    a Gaussian negative population of ``n`` events then puts
+    ``false_positives`` events above the cut on average, and a population
+    that is absent reads zero.
 
     Examples
     --------
@@ -255,7 +259,7 @@ def positive_cut(values, *, z=3.0, bins=256, xp=np):
     if spread is None:
         location, spread = robust_location_scale(values)
     spread = max(float(spread), float(centers[1] - centers[0]))
-    tail_z = float(ndtri(1.0 - 1.0 / max(values.size, 2)))
+    tail_z = float(ndtri(1.0 - false_positives / max(values.size, 1)))
     return mode + tail_z * spread, {"method": "negative tail", "negative_center": round(mode, 6),
                                     "negative_sd": round(spread, 6), "tail_z": round(tail_z, 3)}
 
@@ -294,7 +298,8 @@ class GatingContext:
     def cut(self, marker, search):
         """:func:`positive_cut` of ``marker`` in population ``search``."""
         values = self.values(marker)[self.masks[search]]
-        return positive_cut(values, z=self.params.valley_z, bins=self.params.bins, xp=self.xp)
+        return positive_cut(values, z=self.params.valley_z, false_positives=self.params.tail_false_positives,
+                            bins=self.params.bins, xp=self.xp)
 
 
 def _describe(info, marker, search):
@@ -302,7 +307,7 @@ def _describe(info, marker, search):
         return f"{marker} valley in {search} (z = {info['valley_z']:.1f})"
     if info["method"] == "negative tail":
         return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x lower-flank SD "
-                f"(< 1 false positive expected)")
+                f"(the negatives' own tail)")
     return f"{marker}: {info['method']}"
 
 

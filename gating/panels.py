@@ -71,7 +71,7 @@ class GatingPanel:
     --------
     >>> panel = load_panels()["tbnk"]
     >>> panel.required, [step.method for step in panel.plan][:3]
-    (['CD45', 'CD3', 'CD19'], ['beads', 'singlets', 'positive'])
+    (['CD45', 'CD3', 'CD19'], ['beads', 'singlets', 'leukocytes'])
     """
 
     name: str

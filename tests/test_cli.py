@@ -100,12 +100,19 @@ def test_bad_files_are_reported_and_the_batch_goes_on(capsys, sample_dir, tmp_pa
     assert any("no_cd19.fcs" in line and "CD20" in line for line in lines)
 
 
-def test_missing_bead_constants_is_a_sample_error(capsys, sample_dir):
+def test_missing_bead_constants_give_events_without_cells_per_ul(capsys, sample_dir):
+    """No counting constants: no guessed cells/uL, but the gated populations are still reported."""
     code, out, err = run_cli(capsys, "analyze", sample_dir / "S01_screening_TBNK.fcs", "--json")
-    assert code == 1
+    assert code == 0
     sample = json.loads(out)["samples"][0]
-    assert sample["status"] == "error" and "beads per test" in sample["error"]
-    assert "S01_screening_TBNK.fcs" in err
+    assert sample["status"] == "ok"
+    b_cells = sample["populations"]["b_cells"]
+    assert b_cells["cells_per_ul"] is None and "beads per test" in b_cells["count_reason"]
+    assert b_cells["events"] > 100 and b_cells["parent"] == "lymphocytes"
+    assert 0 < sample["populations"]["t_cells"]["pct_of_parent"] < 100
+    assert sample["eligibility"]["verdict"] == "qc_fail"
+    assert any("no count possible" in reason for reason in sample["eligibility"]["reasons"])
+    assert any(f["code"] == "no_counting_method" for f in sample["flags"])
 
 
 def test_command_line_constants_override_manifest(capsys, sample_dir):

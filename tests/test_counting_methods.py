@@ -38,10 +38,19 @@ def test_dual_platform_uses_the_cbc(sample_dir):
     assert result["populations"]["lymphocytes"]["cells_per_ul"] == pytest.approx(lymphocytes)
 
 
-def test_no_method_possible_is_a_clear_error(sample_dir):
+def test_no_method_possible_reports_events_and_the_reason(sample_dir):
     result = analyze_file(sample_dir / "S04_screening_TBNK.fcs")  # S04 has no $VOL
-    assert result["status"] == "error"
-    assert "no count is possible" in result["error"] and "beads per test" in result["error"]
+    assert result["status"] == "ok" and result["counting"]["method"] is None
+    for name, entry in result["populations"].items():
+        assert entry["cells_per_ul"] is None and "beads per test" in entry["count_reason"], name
+        assert entry["events"] >= 0
+    assert result["populations"]["lymphocytes"]["events"] > 1000
+    assert result["eligibility"]["verdict"] == "qc_fail"
+
+
+def test_requested_method_without_its_inputs_is_a_clear_error(sample_dir):
+    result = analyze_file(sample_dir / "S04_screening_TBNK.fcs", options=AnalysisOptions(method="volumetric"))
+    assert result["status"] == "error" and "volumetric requested" in result["error"]
 
 
 def test_cli_method_option(capsys, sample_dir):

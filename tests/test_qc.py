@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 
+from gating.flags import Flag
+
 from cytometry.analysis import AnalysisOptions, analyze_file, gate_file
 from cytometry.qc import QcRules, review
 from cytometry.simulate import simulate_tube, write_tube
@@ -12,23 +14,22 @@ OPTIONS = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
 
 def test_clean_tube_has_no_failing_flag(sample_dir):
     flags = review(gate_file(sample_dir / "S01_screening_TBNK.fcs"))
-    assert not [text for text, fails in flags if fails]
+    assert all(isinstance(flag, Flag) for flag in flags)
+    assert not [flag for flag in flags if flag.fails]
 
 
 def test_lymphosum_outside_tolerance_fails(sample_dir):
     gated = gate_file(sample_dir / "S01_screening_TBNK.fcs")
     gated.gating.masks["nk_cells"] = np.zeros_like(gated.gating.masks["nk_cells"])
     gated.gating.masks["b_cells"] = np.zeros_like(gated.gating.masks["b_cells"])
-    flags = dict(review(gated))
-    lymphosum = [text for text in flags if text.startswith("lymphosum")]
-    assert lymphosum and flags[lymphosum[0]] is True
-    assert "outside 100 ± 10%" in lymphosum[0]
+    lymphosum = [flag for flag in review(gated) if flag.code == "lymphosum"]
+    assert len(lymphosum) == 1 and lymphosum[0].fails and lymphosum[0].population == "lymphocytes"
+    assert "outside 100 ± 10%" in lymphosum[0].message
 
 
 def test_stop_rule_is_a_flag_not_a_failure(sample_dir):
-    flags = dict(review(gate_file(sample_dir / "S01_day010_CAR.fcs")))
-    stop = [text for text in flags if "acquisition stop rule" in text]
-    assert stop and flags[stop[0]] is False
+    stop = [flag for flag in review(gate_file(sample_dir / "S01_day010_CAR.fcs")) if flag.code == "stop_rule"]
+    assert len(stop) == 1 and stop[0].severity == "warning" and "acquisition stop rule" in stop[0].message
 
 
 def test_saturation_and_clog_are_flagged(tmp_path):
