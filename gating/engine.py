@@ -183,6 +183,14 @@ def _refine_valley(values, counts, centers, sigma_bins, left, right, xp=np):
     return left + int(np.argmin(finer[left:right + 1]))
 
 
+def _smoothed_on(values, centers, sigma_bins, xp=np):
+    """Histogram of ``values`` on the bins of ``centers``, smoothed like the density they came from."""
+    width = centers[1] - centers[0]
+    counts, _ = histogram_1d(xp.asarray(values), len(centers),
+                             (float(centers[0] - 0.5 * width), float(centers[-1] + 0.5 * width)))
+    return to_numpy(gaussian_smooth_1d(counts, sigma_bins))
+
+
 def lower_flank_spread(values, mode):
     """SD of the population at ``mode`` from its lower flank alone.
 
@@ -615,14 +623,33 @@ def leukocyte_classes_step(context, step):
     tail_z = float(ndtri(1.0 - 1.0 / max(anchor_ssc.size, 2)))
     # The mode holding the anchor, and the real valleys on each side of it.
     lymph_mode = min(range(len(modes)), key=lambda i: abs(centers[modes[i]] - a_median)) if modes else None
-    if lymph_mode is not None and lymph_mode + 1 < len(modes):
-        hi, hi_how = float(centers[valleys[lymph_mode][0]]), "SSC valley above the lymphocytes"
-    else:
-        hi, hi_how = a_median + tail_z * max(a_up, 1e-3), f"{anchor_name} events' upper SSC tail"
     if lymph_mode is not None and lymph_mode > 0:
         lo, lo_how = float(centers[valleys[lymph_mode - 1][0]]), "SSC valley below the lymphocytes"
     else:
         lo, lo_how = a_median - tail_z * max(a_low, 1e-3), f"{anchor_name} events' lower SSC tail"
+    if lymph_mode is not None and lymph_mode + 1 < len(modes):
+        hi, hi_how = float(centers[valleys[lymph_mode][0]]), "SSC valley above the lymphocytes"
+        # Lymphocytes and monocytes overlap around that valley; the lineage
+        # markers say which is which. The border is where events negative for
+        # every lineage marker (monocytes) start to outnumber the lineage-
+        # positive ones: each SSC value goes to the population more likely
+        # there (the Bayes border of the two), whatever their sizes.
+        lineage = np.zeros_like(inside)
+        for marker in step.args.get("lineage", step.args.get("anchors", [])):
+            if marker in context.channels:
+                cut, info = context.cut(marker, parent)
+                if cut is not None and info["method"] == "valley":
+                    lineage |= inside & (context.values(marker) >= cut)
+        if lineage.any():
+            positive = _smoothed_on(ssc[lineage], centers, sigma, context.xp)
+            negative = _smoothed_on(ssc[inside & ~lineage], centers, sigma, context.xp)
+            start, stop = modes[lymph_mode], valleys[lymph_mode][0]
+            crossing = np.flatnonzero(negative[start:stop + 1] > positive[start:stop + 1])
+            if crossing.size:
+                hi = float(centers[start + crossing[0]])
+                hi_how = "SSC where lineage-negative events (monocytes) outnumber the lineage-positive ones"
+    else:
+        hi, hi_how = a_median + tail_z * max(a_up, 1e-3), f"{anchor_name} events' upper SSC tail"
     window = inside & (ssc >= lo) & (ssc < hi)
     lo45, lo45_how = None, "leukocyte CD45 cut"
     if window.sum() >= 30:
@@ -633,8 +660,31 @@ def leukocyte_classes_step(context, step):
             top = int(np.argmax([c45[m] for m in c45_modes]))
             if top > 0:
                 lo45, lo45_how = float(c45_centers[c45_valleys[top - 1][0]]), "CD45 valley below the lymphocytes"
-    context.add(Gate(names["lymphocytes"], parent, "rectangle", dims(lo45, lo, hi),
-                     method=f"phenotype-named: located by {anchor_name} events; {lo_how}, {hi_how}; {lo45_how}",
+    # Lymphocytes are uniform in size: inside their window, a second, larger
+    # forward-scatter mode above the one holding the anchor is coincident
+    # events (two cells in the beam at once raise the pulse), not cells.
+    lymph_dims = dims(lo45, lo, hi)
+    size_how = ""
+    anchor_events = anchor if anchor is not None else window
+    for scatter in ("FSC-H", "FSC-A"):
+        if scatter not in context.channels or window.sum() < 30:
+            continue
+        size = context.values(scatter, "linear")
+        s_counts, s_centers, s_sigma = smoothed_density(size[window], params.bins, context.xp)
+        s_modes, s_valleys = significant_modes(s_counts, s_sigma, params.valley_z)
+        if len(s_modes) < 2:
+            continue
+        anchor_size = float(np.median(size[anchor_events & window]))
+        own = min(range(len(s_modes)), key=lambda i: abs(s_centers[s_modes[i]] - anchor_size))
+        if own + 1 < len(s_modes):
+            bound = float(s_centers[_refine_valley(size[window], s_counts, s_centers, s_sigma, s_modes[own],
+                                                   s_modes[own + 1], context.xp)])
+            lymph_dims.append(Dimension(scatter, "linear", None, bound))
+            size_how = f"; below the {scatter} valley under a larger coincident-event mode"
+            break
+    context.add(Gate(names["lymphocytes"], parent, "rectangle", lymph_dims,
+                     method=f"phenotype-named: located by {anchor_name} events; {lo_how}, {hi_how}; {lo45_how}"
+                            f"{size_how}",
                      extra={"anchor": anchor_name, "anchor_events": int(anchor_ssc.size),
                             "anchor_ssc_median": round(a_median, 6), "ssc_modes": len(modes)}))
 
