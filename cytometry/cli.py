@@ -107,8 +107,15 @@ def _analyse_run(args):
         value = getattr(args, option)
         if value and not Path(value).is_file():
             raise UsageError(f"{value}: --{option} file not found")
+    from gating.panels import PanelDefinitionError, load_panels
+
+    try:
+        load_panels(args.panels)  # a broken panel file is one line here, not one per sample
+    except PanelDefinitionError as exc:
+        raise UsageError(str(exc)) from None
     options = AnalysisOptions(beads_per_test=args.beads_per_test, sample_volume_ul=args.sample_volume_ul,
                               compensation=args.compensation, panel_file=args.panel, device=args.device,
+                              panel_dirs=tuple(args.panels),
                               lloq_events=args.lloq_events, lod_events=args.lod_events,
                               min_bead_events=args.min_bead_events, method=args.method,
                               dilution_factor=args.dilution_factor, lymphocytes_per_ul=args.lymphocytes_per_ul)
@@ -331,6 +338,9 @@ def _add_run_options(command, from_store=False):
                          help="haematology analyser lymphocytes/uL, for dual-platform counting (overrides the manifest)")
     command.add_argument("--compensation", metavar="MATRIX.csv", help="spillover matrix to use instead of the file's")
     command.add_argument("--panel", metavar="PANEL.csv", help="marker,channel overrides for panel resolution")
+    command.add_argument("--panels", metavar="DIR", action="append", default=[],
+                         help="a folder (or file) of extra panel definitions, JSON with markers, aliases and a "
+                              "gating plan (repeatable; also CYTOMETRY_PANELS)")
     command.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None,
                          help="where the gating kernels run (default: $CYTOMETRY_DEVICE or auto)")
     command.add_argument("--lloq-events", type=int, default=25, help="events below which a count is < LLOQ")

@@ -508,8 +508,20 @@ def beads_step(context, step):
     peaks = _real_peaks(density, params, 0.2, True, sigma)
     threshold = None
     if len(peaks) >= 2:
-        valley = valley_between(density, peaks[0], peaks[-1])
-        depth = 1.0 - density[valley] / max(min(density[peaks[0]], density[peaks[-1]]), 1e-12)
+        # The beads are the tallest mode above the cells' mode, and
+        # the cut is the gap just below them: a cell population positive for
+        # every marker of a small panel (B cells in a CD45/CD19/CD20 tube)
+        # forms a mode of its own between the other cells and the beads, and
+        # bead doublets a small one above the beads.
+        bounds = [0] + [valley_between(density, a, b) for a, b in zip(peaks[:-1], peaks[1:])] + [len(density)]
+        linear = np.expm1(density)
+        mass = [float(linear[lo:hi].sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        cells = peaks[int(np.argmax(mass))]  # the mode holding the most events (beads are tall but few)
+        brighter = [p for p in peaks if p > cells]
+        bead_mode = max(brighter, key=lambda p: density[p]) if brighter else peaks[-1]
+        below = peaks[peaks.index(bead_mode) - 1] if peaks.index(bead_mode) > 0 else peaks[0]
+        valley = valley_between(density, below, bead_mode)
+        depth = 1.0 - density[valley] / max(min(density[below], density[bead_mode]), 1e-12)
         if depth >= params.bead_gap_depth:
             threshold = float(centers[valley])
     if threshold is None:
@@ -640,7 +652,11 @@ def leukocyte_classes_step(context, step):
                 cut, info = context.cut(marker, parent)
                 if cut is not None and info["method"] == "valley":
                     lineage |= inside & (context.values(marker) >= cut)
-        if lineage.any():
+        core = inside & (ssc >= lo) & (ssc < centers[modes[lymph_mode]])
+        # Only where the lineage markers mark most lymphocytes (T + B + NK in
+        # a TBNK tube; not CD19 alone in a B-cell tube) can they tell them
+        # from monocytes.
+        if lineage.any() and (core & lineage).sum() > 0.5 * core.sum():
             positive = _smoothed_on(ssc[lineage], centers, sigma, context.xp)
             negative = _smoothed_on(ssc[inside & ~lineage], centers, sigma, context.xp)
             start, stop = modes[lymph_mode], valleys[lymph_mode][0]
