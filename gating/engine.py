@@ -183,6 +183,29 @@ def _refine_valley(values, counts, centers, sigma_bins, left, right, xp=np):
     return left + int(np.argmin(finer[left:right + 1]))
 
 
+def _lineage_border(values, inside, lineage, lineage_share, centers, sigma_bins, start, stop, xp=np):
+    """Where lymphocytes end and a lineage-negative neighbour begins, along one axis.
+
+    Going from the lymphocytes' mode (bin ``start``) towards bin ``stop``,
+    the first bin where the lineage-negative neighbour (monocytes,
+    basophils) is more likely than a lymphocyte: its density is the
+    lineage-negative events' minus the lymphocytes' own lineage-negative
+    share (``1 − lineage_share`` of them, in proportion to the lineage-
+    positive events), the lymphocytes' is the lineage-positive events' over
+    ``lineage_share``. The Bayes border of the two, whatever their sizes.
+
+    Returns the border's value, or ``None`` when the neighbour never wins.
+    """
+    positive = _smoothed_on(values[inside & lineage], centers, sigma_bins, xp)
+    negative = _smoothed_on(values[inside & ~lineage], centers, sigma_bins, xp)
+    lymphocytes = positive / max(lineage_share, 1e-9)
+    neighbour = negative - (lymphocytes - positive)
+    step = 1 if stop >= start else -1
+    path = np.arange(start, stop + step, step)
+    wins = np.flatnonzero(neighbour[path] > lymphocytes[path])
+    return float(centers[path[wins[0]]]) if wins.size else None
+
+
 def _smoothed_on(values, centers, sigma_bins, xp=np):
     """Histogram of ``values`` on the bins of ``centers``, smoothed like the density they came from."""
     width = centers[1] - centers[0]
@@ -639,31 +662,33 @@ def leukocyte_classes_step(context, step):
         lo, lo_how = float(centers[valleys[lymph_mode - 1][0]]), "SSC valley below the lymphocytes"
     else:
         lo, lo_how = a_median - tail_z * max(a_low, 1e-3), f"{anchor_name} events' lower SSC tail"
+    # Lineage-positive events (CD3+, CD19+, CD16/56+) are lymphocytes; the
+    # lineage-negative ones near them are monocytes (above in SSC) or
+    # basophils (below in CD45), plus the lymphocytes' own small
+    # lineage-negative share. Where the markers mark most lymphocytes, they
+    # say where the lymphocytes end (see _lineage_border).
+    lineage = np.zeros_like(inside)
+    lineage_markers = step.args.get("lineage", [])
+    for marker in lineage_markers:
+        if marker in context.channels:
+            cut, info = context.cut(marker, parent)
+            if cut is not None and info["method"] == "valley":
+                lineage |= inside & (context.values(marker) >= cut)
+    core = inside & (ssc >= lo) & (ssc < centers[modes[lymph_mode]]) if modes else inside
+    lineage_share = float((core & lineage).sum()) / max(int(core.sum()), 1)
+    # Only a tube carrying every lymphocyte lineage the plan names (T, B and
+    # NK: a TBNK tube, not a CAR tube without CD16/56) marks nearly all its
+    # lymphocytes, so that what is lineage-negative next to them is not one.
+    use_lineage = bool(lineage_markers) and all(m in context.channels for m in lineage_markers) \
+        and lineage_share > 0.5
+    lineage_axes = step.args.get("lineage_borders", [ssc_name, cd45_name]) if use_lineage else []
     if lymph_mode is not None and lymph_mode + 1 < len(modes):
         hi, hi_how = float(centers[valleys[lymph_mode][0]]), "SSC valley above the lymphocytes"
-        # Lymphocytes and monocytes overlap around that valley; the lineage
-        # markers say which is which. The border is where events negative for
-        # every lineage marker (monocytes) start to outnumber the lineage-
-        # positive ones: each SSC value goes to the population more likely
-        # there (the Bayes border of the two), whatever their sizes.
-        lineage = np.zeros_like(inside)
-        for marker in step.args.get("lineage", step.args.get("anchors", [])):
-            if marker in context.channels:
-                cut, info = context.cut(marker, parent)
-                if cut is not None and info["method"] == "valley":
-                    lineage |= inside & (context.values(marker) >= cut)
-        core = inside & (ssc >= lo) & (ssc < centers[modes[lymph_mode]])
-        # Only where the lineage markers mark most lymphocytes (T + B + NK in
-        # a TBNK tube; not CD19 alone in a B-cell tube) can they tell them
-        # from monocytes.
-        if lineage.any() and (core & lineage).sum() > 0.5 * core.sum():
-            positive = _smoothed_on(ssc[lineage], centers, sigma, context.xp)
-            negative = _smoothed_on(ssc[inside & ~lineage], centers, sigma, context.xp)
-            start, stop = modes[lymph_mode], valleys[lymph_mode][0]
-            crossing = np.flatnonzero(negative[start:stop + 1] > positive[start:stop + 1])
-            if crossing.size:
-                hi = float(centers[start + crossing[0]])
-                hi_how = "SSC where lineage-negative events (monocytes) outnumber the lineage-positive ones"
+        if ssc_name in lineage_axes:
+            border = _lineage_border(ssc, inside, lineage, lineage_share, centers, sigma,
+                                     modes[lymph_mode], valleys[lymph_mode][0], context.xp)
+            if border is not None:
+                hi, hi_how = border, "SSC above which monocytes outnumber lymphocytes (lineage markers)"
     else:
         hi, hi_how = a_median + tail_z * max(a_up, 1e-3), f"{anchor_name} events' upper SSC tail"
     window = inside & (ssc >= lo) & (ssc < hi)
@@ -671,11 +696,19 @@ def leukocyte_classes_step(context, step):
     if window.sum() >= 30:
         c45, c45_centers, c45_sigma = smoothed_density(cd45[window], params.bins, context.xp)
         c45_modes, c45_valleys = significant_modes(c45, c45_sigma, params.valley_z)
-        if len(c45_modes) >= 2:
+        top = int(np.argmax([c45[m] for m in c45_modes])) if c45_modes else 0
+        if top > 0:
             # The valley just below the tallest (lymphocyte) mode.
-            top = int(np.argmax([c45[m] for m in c45_modes]))
-            if top > 0:
-                lo45, lo45_how = float(c45_centers[c45_valleys[top - 1][0]]), "CD45 valley below the lymphocytes"
+            lo45, lo45_how = float(c45_centers[c45_valleys[top - 1][0]]), "CD45 valley below the lymphocytes"
+        if cd45_name in lineage_axes and c45_modes:
+            # Basophils sit just below the lymphocytes in CD45, often without
+            # a valley: below the lymphocyte mode, where lineage-negative
+            # events outnumber the lymphocytes.
+            floor = 0 if lo45 is None else int(np.searchsorted(c45_centers, lo45))
+            border = _lineage_border(cd45, window, lineage, lineage_share, c45_centers, c45_sigma,
+                                     c45_modes[top], floor, context.xp)
+            if border is not None:
+                lo45, lo45_how = border, "CD45 below which basophils outnumber lymphocytes (lineage markers)"
     # Lymphocytes are uniform in size: inside their window, a second, larger
     # forward-scatter mode above the one holding the anchor is coincident
     # events (two cells in the beam at once raise the pulse), not cells.
