@@ -253,7 +253,9 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
     -----
     With two or more real modes the cut is at the valley of the highest
     z-score: the clearest gap. With one, the dominant mode is the negatives
-    and the cut is ``mode + q·σ_low`` with ``q = Φ⁻¹(1 − false_positives/n)``:
+    and the cut is ``mode + q·σ`` with ``q = Φ⁻¹(1 − false_positives/n)`` and σ
+    the wider of the mode's two flanks (68.27th percentile of the distance
+    to the mode, on each side):
     a Gaussian negative population of ``n`` events then puts
     ``false_positives`` events above the cut on average, and a population
     that is absent reads zero.
@@ -289,6 +291,12 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
     spread = lower_flank_spread(values, mode)
     if spread is None:
         location, spread = robust_location_scale(values)
+    # The upper flank's own spread too, when wider: a few rare positives
+    # barely move its 68th percentile, but a shoulder of dim events without a
+    # valley (a skewed negative population) does, and is not a population.
+    upper = values[values > mode] - mode
+    if upper.size >= 5:
+        spread = max(float(spread), float(np.quantile(upper, 0.6827)))
     spread = max(float(spread), float(centers[1] - centers[0]))
     tail_z = float(ndtri(1.0 - false_positives / max(values.size, 1)))
     return mode + tail_z * spread, {"method": "negative tail", "negative_center": round(mode, 6),
@@ -653,15 +661,27 @@ def leukocyte_classes_step(context, step):
     else:
         anchor_ssc = ssc[anchor]
     a_median = float(np.median(anchor_ssc))
-    a_up = float(np.quantile(anchor_ssc, 0.8413)) - a_median
-    a_low = a_median - float(np.quantile(anchor_ssc, 0.1587))
-    tail_z = float(ndtri(1.0 - 1.0 / max(anchor_ssc.size, 2)))
     # The mode holding the anchor, and the real valleys on each side of it.
     lymph_mode = min(range(len(modes)), key=lambda i: abs(centers[modes[i]] - a_median)) if modes else None
+    # Where a side has no valley, the lymphocytes end where their own SSC
+    # distribution does: the mode ± Φ⁻¹(1 − α/n) times that flank's spread
+    # (68.27th percentile of the distance to the mode), measured on all the
+    # parent's events of the mode's basin, not on the anchor alone (a few
+    # odd anchor events must not move the lymphocytes' borders).
+    basin_lo = float(centers[valleys[lymph_mode - 1][0]]) if lymph_mode else -np.inf
+    basin_hi = float(centers[valleys[lymph_mode][0]]) if lymph_mode is not None and lymph_mode + 1 < len(modes) \
+        else np.inf
+    mode_ssc = float(centers[modes[lymph_mode]]) if lymph_mode is not None else a_median
+    basin = ssc_in[(ssc_in >= basin_lo) & (ssc_in < basin_hi)]
+    flank_low = mode_ssc - basin[basin < mode_ssc]
+    flank_up = basin[basin > mode_ssc] - mode_ssc
+    a_low = float(np.quantile(flank_low, 0.6827)) if flank_low.size >= 5 else 1e-3
+    a_up = float(np.quantile(flank_up, 0.6827)) if flank_up.size >= 5 else 1e-3
+    tail_z = float(ndtri(1.0 - params.tail_false_positives / max(basin.size, 1)))
     if lymph_mode is not None and lymph_mode > 0:
-        lo, lo_how = float(centers[valleys[lymph_mode - 1][0]]), "SSC valley below the lymphocytes"
+        lo, lo_how = basin_lo, "SSC valley below the lymphocytes"
     else:
-        lo, lo_how = a_median - tail_z * max(a_low, 1e-3), f"{anchor_name} events' lower SSC tail"
+        lo, lo_how = mode_ssc - tail_z * max(a_low, 1e-3), "the lymphocyte mode's lower SSC tail"
     # Lineage-positive events (CD3+, CD19+, CD16/56+) are lymphocytes; the
     # lineage-negative ones near them are monocytes (above in SSC) or
     # basophils (below in CD45), plus the lymphocytes' own small
@@ -690,7 +710,7 @@ def leukocyte_classes_step(context, step):
             if border is not None:
                 hi, hi_how = border, "SSC above which monocytes outnumber lymphocytes (lineage markers)"
     else:
-        hi, hi_how = a_median + tail_z * max(a_up, 1e-3), f"{anchor_name} events' upper SSC tail"
+        hi, hi_how = mode_ssc + tail_z * max(a_up, 1e-3), "the lymphocyte mode's upper SSC tail"
     window = inside & (ssc >= lo) & (ssc < hi)
     lo45, lo45_how = None, "leukocyte CD45 cut"
     if window.sum() >= 30:
@@ -709,12 +729,13 @@ def leukocyte_classes_step(context, step):
                                      c45_modes[top], floor, context.xp)
             if border is not None:
                 lo45, lo45_how = border, "CD45 below which basophils outnumber lymphocytes (lineage markers)"
-    # Lymphocytes are uniform in size: inside their window, a second, larger
-    # forward-scatter mode above the one holding the anchor is coincident
-    # events (two cells in the beam at once raise the pulse), not cells.
+    # Lymphocytes are uniform in size: inside their window the forward-
+    # scatter mode holding most events is theirs, and a second, larger mode
+    # above it is coincident events (two cells in the beam at once raise the
+    # pulse), not cells. (Not the anchor's mode: with few T cells left the
+    # CD3+ coincidences would become the anchor.)
     lymph_dims = dims(lo45, lo, hi)
     size_how = ""
-    anchor_events = anchor if anchor is not None else window
     for scatter in ("FSC-H", "FSC-A"):
         if scatter not in context.channels or window.sum() < 30:
             continue
@@ -723,8 +744,9 @@ def leukocyte_classes_step(context, step):
         s_modes, s_valleys = significant_modes(s_counts, s_sigma, params.valley_z)
         if len(s_modes) < 2:
             continue
-        anchor_size = float(np.median(size[anchor_events & window]))
-        own = min(range(len(s_modes)), key=lambda i: abs(s_centers[s_modes[i]] - anchor_size))
+        bounds = [0] + [v for v, _ in s_valleys] + [len(s_counts)]
+        mass = [float(s_counts[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        own = int(np.argmax(mass))
         if own + 1 < len(s_modes):
             bound = float(s_centers[_refine_valley(size[window], s_counts, s_centers, s_sigma, s_modes[own],
                                                    s_modes[own + 1], context.xp)])
