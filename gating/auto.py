@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gpu import fit_gaussian_mixture, get_array_module, histogram_2d, to_numpy
-from gpu.density import find_peaks_1d, gaussian_smooth_1d, histogram_1d, robust_location_scale, valley_between
+from gpu import fit_gaussian_mixture, to_numpy
+from gpu.density import find_peaks_1d, gaussian_smooth_1d, histogram_1d, valley_between
 
-from .geometry import Dimension, Gate, gate_contains
 
 
 @dataclass
@@ -205,46 +204,6 @@ def _real_peaks(density, params, prominence, log_counts, sigma_bins=2.0):
     linear = np.expm1(density)
     least_height = params.min_peak_events / (np.sqrt(2 * np.pi) * sigma_bins)
     return [p for p in peaks if linear[p] >= least_height]
-
-
-def valley_threshold(values, params, log_counts=False, between="deepest"):
-    """Threshold at the valley between two modes of ``values``.
-
-    ``between="deepest"`` cuts at the deepest valley between neighbouring
-    modes (a marker with a negative and a positive population, e.g. CD4 in
-    T cells);
-    ``"lowest"`` at the deepest point between the lowest-valued mode and
-    the tallest mode above it (a small negative population below several
-    positive ones, e.g. debris on CD45).
-    With ``log_counts`` the modes are found on log(1 + density), which lets
-    a small population stand out next to a large one.
-
-    Returns ``(threshold, depth)`` or ``(None, 0.0)`` when the values are
-    unimodal. ``depth`` is 1 − valley height / lower of the two peaks.
-    """
-    if len(values) < 10:
-        return None, 0.0
-    density, centers, sigma = _density(values, params, log_counts=log_counts, with_sigma=True)
-    peaks = _real_peaks(density, params, params.min_prominence, log_counts, sigma)
-    if len(peaks) < 2:
-        return None, 0.0
-    if between == "lowest":
-        # The deepest point between the lowest mode and the tallest mode above
-        # it, so a noisy negative population split into bumps is cut as one.
-        left = peaks[0]
-        right = max(peaks[1:], key=lambda p: density[p])
-        valley = valley_between(density, left, right)
-        depth = 1.0 - density[valley] / max(min(density[left], density[right]), 1e-12)
-        return float(centers[valley]), float(depth)
-    # The deepest valley between neighbouring modes: a noisy mode split in two
-    # has a shallow dip, two populations a deep one.
-    best = None
-    for left, right in zip(peaks[:-1], peaks[1:]):
-        valley = valley_between(density, left, right)
-        depth = 1.0 - density[valley] / max(min(density[left], density[right]), 1e-12)
-        if best is None or depth > best[1]:
-            best = (float(centers[valley]), float(depth))
-    return best
 
 
 def _upper_spread(density, centers, mode_index, direction=1):

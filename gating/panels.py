@@ -1,6 +1,6 @@
 """Panels as data: markers, reagent aliases, reported populations and a gating plan.
 
-A panel is one JSON file (the built-in ones live in ``gating/panels/``)::
+A panel is one JSON file (the built-in ones live in ``gating/panel_files/``)::
 
     {"name": "tbnk",
      "markers": {"required": ["CD45", "CD3", "CD19"], "optional": ["CD4", "CD8", "CD16+56"]},
@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUILTIN_PANEL_DIR = Path(__file__).with_name("panels")
+BUILTIN_PANEL_DIR = Path(__file__).with_name("panel_files")
 
 
 class PanelDefinitionError(ValueError):
