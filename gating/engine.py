@@ -227,7 +227,7 @@ def lower_flank_spread(values, mode):
     return float(np.quantile(below, 0.6827))
 
 
-def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
+def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept=None):
     """Cut between a marker's negative and positive events, and how it was found.
 
     Parameters
@@ -240,6 +240,11 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
     false_positives : float
         Without a valley: the expected number of negatives above the cut
         (0.05: a false positive in about one tube in twenty).
+    accept : callable, optional
+        ``accept(cut) -> bool``: whether the events above a valley have the
+        population's phenotype (e.g. B cells are not NK-marker positive).
+        Valleys are tried from the clearest down; when none is accepted,
+        the positives are taken as absent (the negative tail).
 
     Returns
     -------
@@ -277,17 +282,20 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
         return None, {"method": "too few events", "events": int(values.size)}
     counts, centers, sigma = smoothed_density(values, bins, xp)
     modes, valleys = significant_modes(counts, sigma, z)
-    if len(modes) >= 2:
-        best = max(range(len(valleys)), key=lambda i: valleys[i][1])
-        valley, score = valleys[best]
+    rejected = []
+    for best in sorted(range(len(valleys)), key=lambda i: -valleys[i][1]):
+        score = valleys[best][1]
         valley = _refine_valley(values, counts, centers, sigma, modes[best], modes[best + 1], xp)
-        negative_mode = modes[best] if counts[modes[best]] >= counts[modes[best + 1]] else modes[best]
-        mode = float(centers[negative_mode])
+        if accept is not None and not accept(float(centers[valley])):
+            rejected.append(round(float(centers[valley]), 4))
+            continue
+        mode = float(centers[modes[best]])
         below = values[values < float(centers[valley])]
         spread = lower_flank_spread(below, mode) or float(centers[1] - centers[0])
         return float(centers[valley]), {"method": "valley", "valley_z": round(float(score), 2),
                                         "negative_center": round(mode, 6), "negative_sd": round(spread, 6)}
-    mode = float(centers[modes[0]]) if modes else float(np.median(values))
+    # The dominant mode is the negatives'.
+    mode = float(centers[max(modes, key=lambda m: counts[m])]) if modes else float(np.median(values))
     spread = lower_flank_spread(values, mode)
     if spread is None:
         location, spread = robust_location_scale(values)
@@ -299,8 +307,11 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np):
         spread = max(float(spread), float(np.quantile(upper, 0.6827)))
     spread = max(float(spread), float(centers[1] - centers[0]))
     tail_z = float(ndtri(1.0 - false_positives / max(values.size, 1)))
-    return mode + tail_z * spread, {"method": "negative tail", "negative_center": round(mode, 6),
-                                    "negative_sd": round(spread, 6), "tail_z": round(tail_z, 3)}
+    info = {"method": "negative tail", "negative_center": round(mode, 6), "negative_sd": round(spread, 6),
+            "tail_z": round(tail_z, 3)}
+    if rejected:
+        info["rejected_valleys"] = rejected
+    return mode + tail_z * spread, info
 
 
 # --------------------------------------------------------------------------- the context
@@ -313,6 +324,7 @@ class GatingContext:
         self.xp, self.device_name = xp, device_name
         self.gates, self.masks, self.parents, self.flags = [], {}, {}, []
         self.stand_ins = {}   # population of a skipped optional step → the population it stands for
+        self.skipped = set()
 
     def resolve(self, name):
         while name in self.stand_ins:
@@ -334,16 +346,19 @@ class GatingContext:
     def flag(self, population, code, severity, message):
         self.flags.append(Flag(population, code, severity, message))
 
-    def cut(self, marker, search):
+    def cut(self, marker, search, accept=None):
         """:func:`positive_cut` of ``marker`` in population ``search``."""
         values = self.values(marker)[self.masks[search]]
         return positive_cut(values, z=self.params.valley_z, false_positives=self.params.tail_false_positives,
-                            bins=self.params.bins, xp=self.xp)
+                            bins=self.params.bins, xp=self.xp, accept=accept)
 
 
 def _describe(info, marker, search):
     if info["method"] == "valley":
         return f"{marker} valley in {search} (z = {info['valley_z']:.1f})"
+    if info["method"] == "negative reference":
+        return (f"{marker}: no valley in {search}; the {info['quantile']:.4f} quantile of its {info['reference']} "
+                f"events (known {marker}-negative)")
     if info["method"] == "negative tail":
         return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x lower-flank SD "
                 f"(the negatives' own tail)")
@@ -356,10 +371,13 @@ def _describe(info, marker, search):
 def positive_step(context, step):
     """``population`` = events of ``parent`` at or above the marker's cut (see :func:`positive_cut`).
 
-    Arguments: ``find_in`` (the population whose density sets the cut,
+    Arguments: ``find_in`` (the population, or list of populations tried in
+    order until one shows a real valley, whose density sets the cut;
     default the parent), ``negative`` (also make the parent's events below
     the cut under this name), ``and_below`` (populations whose own cut the
-    events must lie below, e.g. NK cells CD19-negative).
+    events must lie below, e.g. NK cells CD19-negative), ``exclusive_of``
+    (populations the positives must mostly not belong to: B cells are not
+    CD16/56+).
     """
     marker = step.dimensions[0]
     parent = context.resolve(step.parent)
@@ -368,14 +386,65 @@ def positive_step(context, step):
     # The first search population with a real valley sets the cut; a later
     # one holds more known negatives (e.g. the T cells for CD16/56, when the
     # CD3-negative lymphocytes are nearly all NK cells and form one mode).
+    values = context.values(marker)
+    parent_mask = context.masks[parent]
+    exclusive = [p for p in step.args.get("exclusive_of", []) if p not in context.skipped and p in context.masks]
+    other = np.zeros(values.shape, dtype=bool)
+    for name in exclusive:
+        other |= context.masks[name]
+    parent_values = values[parent_mask & np.isfinite(values)]
+
+    def acceptor(search):
+        def accept(cut):
+            # The positives must not be another population: events above a
+            # valley that are mostly (say) NK-marker positive are NK cells
+            # whose spillover spreading makes lobes in this marker.
+            above = context.masks[search] & (values >= cut)
+            if exclusive and int((above & other).sum()) > 0.5 * max(int(above.sum()), 1):
+                return False
+            # A cut borrowed from a wider population must have a population
+            # above it in the parent itself, not just the negatives' tail.
+            if search != parent:
+                if parent_values.size < 10:
+                    return False
+                counts, centers, sigma = smoothed_density(parent_values, context.params.bins, context.xp)
+                modes, _ = significant_modes(counts, sigma, context.params.valley_z)
+                return any(centers[m] > cut for m in modes)
+            return True
+        return accept if (exclusive or search != parent) else None
+
     for search in searches:
-        cut, info = context.cut(marker, search)
+        cut, info = context.cut(marker, search, acceptor(search))
         if info["method"] == "valley":
             break
     else:
         search = searches[0]
-        cut, info = context.cut(marker, search)
+        cut, info = context.cut(marker, search, acceptor(search))
+        reference = np.zeros(values.shape, dtype=bool)
+        for name in step.args.get("negative_reference", []):
+            if name not in context.skipped and name in context.masks:
+                reference |= context.masks[name]
+        reference &= context.masks[search] & np.isfinite(values)
+        if reference.sum() >= 20:
+            # No population above a valley: positives absent or too few to
+            # make a mode. The parent's own negatives may be too few to show
+            # their tail (a handful of non-B, non-NK lymphocytes), so the
+            # tail is read off the known-negative cells of the same search
+            # population (NK cells are CD19-negative, measured after
+            # compensation with their own spreading): the quantile that
+            # leaves α of the parent's events above it, no finer than the
+            # reference can resolve.
+            n_parent = max(int(parent_mask.sum()), 1)
+            level = min(1.0 - context.params.tail_false_positives / n_parent, 1.0 - 1.0 / (reference.sum() + 1))
+            reference_cut = float(np.quantile(values[reference], level))
+            info = {"method": "negative reference", "reference": "+".join(step.args["negative_reference"]),
+                    "reference_events": int(reference.sum()), "quantile": round(level, 6),
+                    "negative_center": round(float(np.median(values[reference])), 6),
+                    "negative_sd": info.get("negative_sd")}
+            cut = reference_cut
     method = _describe(info, marker, search)
+    if info.get("rejected_valleys"):
+        method += f" (valleys at {info['rejected_valleys']} rejected: positives there are {', '.join(exclusive)})"
     if cut is None:
         context.flag(step.population, "too_few_events", "fail",
                      f"{info.get('events', 0)} events in {search}, too few to find a {marker} cut")
@@ -951,11 +1020,12 @@ def verify_gating(data, channels, masks, gates, parents=None):
     if gran is not None and gran.sum() >= 20 and np.median(cd45[lymph]) < np.median(cd45[gran]):
         flags.append(Flag("lymphocytes", "phenotype_position", "fail",
                           "lymphocyte gate is CD45-dimmer than the granulocyte gate (wrong cluster)"))
-    t_gate = by_name.get("t_cells")
     leukocytes = masks.get("leukocytes")
-    if t_gate is not None and leukocytes is not None and t_gate.dimensions and "CD3" in channels:
-        cd3_cut = t_gate.dimensions[0].minimum
-        if cd3_cut is not None and np.isfinite(cd3_cut):
+    if leukocytes is not None and "CD3" in channels and leukocytes.sum() >= 10:
+        # Back-gating with the CD3+ leukocytes found afresh (a valley in all
+        # leukocytes), not with the T-cell gate under test.
+        cd3_cut, info = positive_cut(data[leukocytes, channels["CD3"]])
+        if info["method"] == "valley":
             cd3_positive = leukocytes & (data[:, channels["CD3"]] >= cd3_cut)
             total = int(cd3_positive.sum())
             outside = int((cd3_positive & ~lymph).sum())
@@ -1001,8 +1071,11 @@ def run_plan(data, channels, panel, params, device=None):
         missing = [d for d in step.dimensions if d not in channels and d not in ("FSC-H",)]
         if missing:
             if step.optional or all(p not in panel.required for p in missing):
-                for population in step.populations:
+                # Its populations stand for its parent where later steps gate
+                # inside them, and are absent where they are asked to exclude.
+                for population in step.populations + STEP_METHODS[step.method].side_populations(step):
                     context.stand_ins[population] = step.parent
+                    context.skipped.add(population)
                 continue
         STEP_METHODS[step.method].function(context, step)
     context.flags.extend(verify_gating(context.data, channels, context.masks, context.gates, context.parents))
