@@ -259,8 +259,8 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
     With two or more real modes the cut is at the valley of the highest
     z-score: the clearest gap. With one, the dominant mode is the negatives
     and the cut is ``mode + q·σ`` with ``q = Φ⁻¹(1 − false_positives/n)`` and σ
-    the wider of the mode's two flanks (68.27th percentile of the distance
-    to the mode, on each side):
+    the spread of the mode's upper flank (68.27th percentile of the distance
+    to the mode above it):
     a Gaussian negative population of ``n`` events then puts
     ``false_positives`` events above the cut on average, and a population
     that is absent reads zero.
@@ -294,19 +294,24 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
         spread = lower_flank_spread(below, mode) or float(centers[1] - centers[0])
         return float(centers[valley]), {"method": "valley", "valley_z": round(float(score), 2),
                                         "negative_center": round(mode, 6), "negative_sd": round(spread, 6)}
-    # The dominant mode is the negatives'.
-    mode = float(centers[max(modes, key=lambda m: counts[m])]) if modes else float(np.median(values))
-    spread = lower_flank_spread(values, mode)
+    # One mode: the negatives'. Several, separated by valleys whose upper
+    # side was rejected as not the population (spillover lobes of other
+    # cells): all are negatives, and the tail is that of the highest lobe,
+    # its lower flank measured inside its own basin.
+    mode = float(centers[modes[-1]]) if modes else float(np.median(values))
+    floor = float(centers[valleys[-1][0]]) if len(modes) >= 2 else -np.inf
+    tail_z = float(ndtri(1.0 - false_positives / max(values.size, 1)))
+    basin = values[values >= floor]
+    # The upper flank is the side the cut must clear. A few rare positives
+    # barely move its 68th percentile (half the negatives lie there); the
+    # lower flank is no guide to it, since compensated negatives are skewed:
+    # photon-noise spreading stretches their low side on a logicle scale,
+    # autofluorescence their high side in data units.
+    upper = basin[basin > mode] - mode
+    spread = float(np.quantile(upper, 0.6827)) if upper.size >= 5 else lower_flank_spread(basin, mode)
     if spread is None:
         location, spread = robust_location_scale(values)
-    # The upper flank's own spread too, when wider: a few rare positives
-    # barely move its 68th percentile, but a shoulder of dim events without a
-    # valley (a skewed negative population) does, and is not a population.
-    upper = values[values > mode] - mode
-    if upper.size >= 5:
-        spread = max(float(spread), float(np.quantile(upper, 0.6827)))
     spread = max(float(spread), float(centers[1] - centers[0]))
-    tail_z = float(ndtri(1.0 - false_positives / max(values.size, 1)))
     info = {"method": "negative tail", "negative_center": round(mode, 6), "negative_sd": round(spread, 6),
             "tail_z": round(tail_z, 3)}
     if rejected:
@@ -360,7 +365,7 @@ def _describe(info, marker, search):
         return (f"{marker}: no valley in {search}; the {info['quantile']:.4f} quantile of its {info['reference']} "
                 f"events (known {marker}-negative)")
     if info["method"] == "negative tail":
-        return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x lower-flank SD "
+        return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x upper-flank SD "
                 f"(the negatives' own tail)")
     return f"{marker}: {info['method']}"
 
@@ -431,11 +436,11 @@ def positive_step(context, step):
             # their tail (a handful of non-B, non-NK lymphocytes), so the
             # tail is read off the known-negative cells of the same search
             # population (NK cells are CD19-negative, measured after
-            # compensation with their own spreading): the quantile that
-            # leaves α of the parent's events above it, no finer than the
-            # reference can resolve.
-            n_parent = max(int(parent_mask.sum()), 1)
-            level = min(1.0 - context.params.tail_false_positives / n_parent, 1.0 - 1.0 / (reference.sum() + 1))
+            # compensation with their own spreading): their top quantile,
+            # 1 − 1/(n + 1), as fine as n reference events resolve (a
+            # negative distributed like them lands above it with
+            # probability 1/(n + 1)).
+            level = 1.0 - 1.0 / (reference.sum() + 1)
             reference_cut = float(np.quantile(values[reference], level))
             info = {"method": "negative reference", "reference": "+".join(step.args["negative_reference"]),
                     "reference_events": int(reference.sum()), "quantile": round(level, 6),
