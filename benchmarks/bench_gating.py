@@ -3,7 +3,7 @@
 Simulates tubes of about 100,000 events (TBNK and CAR) and prints the median
 time of each stage: load (flowkit), compensate, transform (logicle), gate,
 count, and in the same run flowkit's own load + compensate + logicle as the
-peer for the preprocessing. Target (issue 4): gating <= 0.5 s per
+peer for the preprocessing. Target (issue 12): gating <= 0.3 s per
 100,000-event tube on a 2-core machine.
 
     python benchmarks/bench_gating.py [--events 100000] [--repeats 5]

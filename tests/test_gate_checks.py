@@ -163,3 +163,30 @@ def test_spillover_spread_negatives_do_not_hide_the_positives():
     cut, info = positive_cut(np.concatenate([spread_negatives, positives]))
     assert info["method"] == "valley"
     assert (positives >= cut).mean() > 0.99 and (spread_negatives >= cut).mean() < 0.005
+
+
+@pytest.mark.gpu
+def test_population_finding_kernels_match_on_gpu():
+    """The cuts and the 2-D myeloid split are the same on CuPy as on NumPy."""
+    cupy = pytest.importorskip("cupy")
+    from gating.engine import split_in_plane
+
+    rng = np.random.default_rng(21)
+    values = np.concatenate([rng.normal(0.25, 0.05, 8000), rng.normal(0.65, 0.05, 900)])
+    cpu_cut, cpu_info = positive_cut(values)
+    gpu_cut, gpu_info = positive_cut(values, xp=cupy)
+    assert gpu_info["method"] == cpu_info["method"] == "valley"
+    assert gpu_cut == pytest.approx(cpu_cut, abs=1e-9)
+    tail = rng.normal(0.25, 0.05, 5000)
+    assert positive_cut(tail, xp=cupy)[0] == pytest.approx(positive_cut(tail)[0], abs=1e-9)
+    points = np.vstack([rng.normal([0.6, 0.2], 0.05, (3000, 2)), rng.normal([0.5, 0.6], 0.05, (6000, 2))])
+    cpu_split, gpu_split = split_in_plane(points), split_in_plane(points, xp=cupy)
+    np.testing.assert_allclose(gpu_split[0], cpu_split[0], rtol=1e-6)
+    assert gpu_split[1] == pytest.approx(cpu_split[1], rel=1e-6)
+
+
+def test_gating_on_the_cpu_device_is_deterministic(screening):
+    """Same file, same counts, every run (the kernels are seeded and order-free)."""
+    first, second = gate_file(screening), gate_file(screening)
+    for name in first.gating.populations:
+        assert np.array_equal(first.gating.masks[name], second.gating.masks[name]), name
