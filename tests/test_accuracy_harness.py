@@ -49,8 +49,17 @@ def test_f1_of_main_populations(harness):
 
 
 def test_b_cell_intervals_hold_the_truth(harness):
-    _, (populations, _) = harness
-    assert populations["b_cells"]["coverage"] >= 0.93
+    """95% intervals hold the true B-cell count as often as 95% intervals should.
+
+    On 24 tubes a share of 93% cannot be told from 95%: sound 95% intervals
+    miss 3 or more of them in 12% of seeds and 4 or more in 3%. So the test
+    fails when more than 3 miss (coverage below ~87%). The 93% target itself is measured by
+    ``benchmarks/accuracy.py`` over 240 tubes (README, Accuracy).
+    """
+    records, (populations, _) = harness
+    entries = [r.populations["b_cells"] for r in records if "inside" in r.populations.get("b_cells", {})]
+    misses = sum(not entry["inside"] for entry in entries)
+    assert len(entries) >= 20 and misses <= 3, f"{misses} of {len(entries)} intervals miss the truth"
 
 
 def test_no_wrong_verdict_and_indeterminate_only_near_threshold(harness):
