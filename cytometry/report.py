@@ -44,6 +44,11 @@ def _png(fig, dpi=60):
 def _count_text(count):
     if not count:
         return ""
+    if count.get("cells_per_ul") is None:
+        text = f"{count['events']} ev, no count"
+        return _e(text) + ("" if count.get("reliable", True) else " <b>UNRELIABLE</b>")
+    if count.get("reliable") is False:
+        return "<b>UNRELIABLE</b> " + _count_text({**count, "reliable": True})
     text = f"{count['cells_per_ul']:.3g} [{count['ci95'][0]:.3g}–{count['ci95'][1]:.3g}] ({count['events']} ev)"
     return ("&lt;LLOQ " if count["below_lloq"] else "") + _e(text)
 

@@ -218,10 +218,11 @@ class ResultStore:
             if not populations:
                 rows.append({**base, "population": None})
             for name, count in populations.items():
+                ci95 = count.get("ci95") or [None, None]
                 rows.append({**base, "population": name, "events": count["events"],
-                             "cells_per_ul": count["cells_per_ul"], "ci95_low": count["ci95"][0],
-                             "ci95_high": count["ci95"][1], "below_lloq": count["below_lloq"],
-                             "method": count.get("method")})
+                             "cells_per_ul": count.get("cells_per_ul"), "ci95_low": ci95[0],
+                             "ci95_high": ci95[1], "below_lloq": count.get("below_lloq"),
+                             "method": count.get("method"), "reliable": count.get("reliable", True)})
         return pd.DataFrame(rows)
 
 

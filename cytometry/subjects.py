@@ -122,7 +122,9 @@ def _point(result):
 
     def entry(name):
         count = populations.get(name)
-        if not count:
+        # No count (no counting method) or a gate that failed its checks is
+        # not a point of the kinetics; the visit's flags say why.
+        if not count or count.get("cells_per_ul") is None or count.get("reliable") is False:
             return None
         return {"cells_per_ul": count["cells_per_ul"], "ci95": count["ci95"], "below_lloq": count["below_lloq"],
                 "events": count["events"]}
