@@ -990,14 +990,19 @@ def verify_gating(data, channels, masks, gates, parents=None):
         counts, centers, sigma = smoothed_density(values)
         modes, _ = significant_modes(counts, sigma)
         low, high = float(values.min()), float(values.max())
-        if len(modes) >= 2 and not centers[modes[0]] < cut < centers[modes[-1]]:
+        if "method" not in gate.extra:
+            continue  # the complement of a gate checked here (same cut)
+        separates = gate.extra.get("method") == "valley"
+        if separates and len(modes) >= 2 and not centers[modes[0]] < cut < centers[modes[-1]]:
             flags.append(Flag(gate.name, "cut_outside_data", "fail",
                               f"{dimension.channel} cut {cut:.3g} lies outside the populations of {found_in} it "
                               f"should separate (modes {centers[modes[0]]:.3g} to {centers[modes[-1]]:.3g})"))
-        elif len(modes) == 1 and cut < centers[modes[0]]:
+        elif not separates and modes and cut < centers[modes[-1]]:
+            # A cut in the negatives' tail (no population above a valley)
+            # must clear every mode, or it calls negatives positive.
             flags.append(Flag(gate.name, "cut_outside_data", "fail",
-                              f"{dimension.channel} cut {cut:.3g} lies below the mode of {found_in} "
-                              f"({centers[modes[0]]:.3g}): most negatives would be called positive"))
+                              f"{dimension.channel} cut {cut:.3g} lies below a mode of {found_in} "
+                              f"({centers[modes[-1]]:.3g}) although no positive population was found there"))
         elif cut > high + (high - low) or cut < low - (high - low):
             flags.append(Flag(gate.name, "cut_outside_data", "fail",
                               f"{dimension.channel} cut {cut:.3g} lies far outside the {found_in} events' range "
