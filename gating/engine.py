@@ -9,19 +9,22 @@ fitted to one data source:
   (``find_in``, which must hold both negatives and positives: CD3 is cut
   on all leukocytes, where monocytes and granulocytes are the negatives).
   A valley is real when the lower peak stands above it by more than
-  Poisson noise (:func:`significant_modes`). Without one, the positives are
-  absent or rare, and the cut is the negatives' own tail: the dominant
-  mode plus z spreads of its *lower* flank (free of positives, measured on
-  the compensated data, so spillover spreading is in it), with z the
-  normal quantile that leaves under one false positive among the
-  negatives (:func:`positive_cut`).
+  Poisson noise (:func:`significant_modes`); one whose positive side is
+  another lineage (``exclusive_of``: NK or T cells spread into CD19) is
+  not the population. Without one, the positives are absent or rare, and
+  the cut is the negatives' own tail measured after compensation: the
+  mode plus z spreads of its upper flank, z the normal quantile that
+  leaves 0.05 expected false positives (:func:`positive_cut`).
+* ``leukocytes`` — CD45+ events: the CD45 modes within a decade of the
+  lymphocytes' level (CD3+ events), cut at the valley below the dimmest.
 * ``leukocyte_classes`` — lymphocytes, monocytes and granulocytes in CD45 ×
   SSC, *named by phenotype*: lymphocytes are where the lineage-positive
-  events (CD3+, else CD19+) lie; their SSC borders are the real valleys of
-  the SSC density around that place, or the anchor's own SSC tails;
-  myeloid events above them are split by an SSC valley when there is one.
-  A file holding only lymphocytes (exported from a lymphocyte gate) gives
-  no myeloid populations instead of three carved out of one.
+  events (CD3+, else CD19+) lie; their borders are real valleys, or the
+  lymphocyte mode's own tails, refined by the lineage markers where the
+  tube has them all; myeloid events above them are split across the
+  k-means direction between monocytes and granulocytes when a valley is
+  there. A file holding only lymphocytes (exported from a lymphocyte
+  gate) gives no myeloid populations instead of three carved out of one.
 * ``exclusive_pair`` — CD4+CD8− and CD8+CD4− T cells from two ``positive``
   cuts.
 * ``negative_mode`` — events negative for a marker (live cells: viability
@@ -680,16 +683,26 @@ def leukocyte_classes_step(context, step):
     """Lymphocytes, monocytes and granulocytes in CD45 × SSC, named by phenotype.
 
     1. **Anchor**: the first of ``anchors`` (CD3, then CD19) whose positive
-       events form a real mode in the parent: those are lymphocytes.
-    2. **Lymphocyte SSC borders**: the real valleys of the parent's log-SSC
-       density next to the anchor's mode; where there is none, the anchor's
-       own SSC tails (median ± Φ⁻¹(1 − 1/n) × its flank SD).
+       events form a real mode in the parent: those are lymphocytes, and the
+       SSC mode nearest their median is the lymphocytes' mode.
+    2. **SSC borders**: the real valleys of the parent's log-SSC density on
+       each side of that mode; where a side has none, the mode's own flank
+       (mode ± Φ⁻¹(1 − α/n) × that flank's spread). Where the tube carries
+       every ``lineage`` marker (T, B and NK), the upper border moves to where
+       lineage-negative events (monocytes) outnumber the lymphocytes
+       (:func:`_lineage_border`).
     3. **CD45 border**: a real valley of CD45 below the lymphocytes' mode
-       within their SSC window (basophils, debris), else the parent's.
-    4. **Myeloid**: events above the lymphocytes' SSC border, when they form
-       a mode of their own; split at a real SSC valley into monocytes
-       (lower) and granulocytes (higher), else named by CD45 (monocytes as
-       bright as lymphocytes, granulocytes dimmer).
+       within their SSC window, moved (lineage markers permitting, axes in
+       ``lineage_borders``) to where basophils outnumber lymphocytes.
+    4. **Coincidences**: a larger forward-scatter mode above the dominant one
+       inside the lymphocyte window is excluded.
+    5. **Myeloid**: events above the lymphocytes' SSC border, when the SSC
+       density has a mode there; split by a real valley across the k-means
+       direction between two populations (:func:`split_in_plane`), the
+       higher-SSC side named granulocytes; a single one named by its CD45
+       (monocytes about as bright as lymphocytes, granulocytes dimmer). No
+       mode above the lymphocytes: a file of lymphocytes only, and no
+       myeloid populations are made up.
     """
     params = context.params
     names = dict(zip(("lymphocytes", "monocytes", "granulocytes"), step.populations))
