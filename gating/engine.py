@@ -227,7 +227,7 @@ def lower_flank_spread(values, mode):
     below = mode - values[values < mode]
     if below.size < 5:
         return None
-    return float(np.quantile(below, 0.6827))
+    return float(np.quantile(_probe(below), 0.6827))
 
 
 def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept=None):
@@ -311,7 +311,7 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
     # photon-noise spreading stretches their low side on a logicle scale,
     # autofluorescence their high side in data units.
     upper = basin[basin > mode] - mode
-    spread = float(np.quantile(upper, 0.6827)) if upper.size >= 5 else lower_flank_spread(basin, mode)
+    spread = float(np.quantile(_probe(upper), 0.6827)) if upper.size >= 5 else lower_flank_spread(basin, mode)
     if spread is None:
         location, spread = robust_location_scale(values)
     spread = max(float(spread), float(centers[1] - centers[0]))
@@ -333,6 +333,7 @@ class GatingContext:
         self.gates, self.masks, self.parents, self.flags = [], {}, {}, []
         self.stand_ins = {}   # population of a skipped optional step → the population it stands for
         self.skipped = set()
+        self._cuts = {}
 
     def resolve(self, name):
         while name in self.stand_ins:
@@ -355,10 +356,17 @@ class GatingContext:
         self.flags.append(Flag(population, code, severity, message))
 
     def cut(self, marker, search, accept=None):
-        """:func:`positive_cut` of ``marker`` in population ``search``."""
+        """:func:`positive_cut` of ``marker`` in population ``search`` (remembered: several steps ask)."""
+        key = (marker, search)
+        if accept is None and key in self._cuts:
+            cut, info = self._cuts[key]
+            return cut, dict(info)
         values = self.values(marker)[self.masks[search]]
-        return positive_cut(values, z=self.params.valley_z, false_positives=self.params.tail_false_positives,
-                            bins=self.params.bins, xp=self.xp, accept=accept)
+        cut, info = positive_cut(values, z=self.params.valley_z, false_positives=self.params.tail_false_positives,
+                                 bins=self.params.bins, xp=self.xp, accept=accept)
+        if accept is None:
+            self._cuts[key] = (cut, dict(info))
+        return cut, info
 
 
 def _describe(info, marker, search):
