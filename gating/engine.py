@@ -800,8 +800,10 @@ def leukocyte_classes_step(context, step):
     if lymph_mode is not None and lymph_mode + 1 < len(modes):
         hi, hi_how = float(centers[valleys[lymph_mode][0]]), "SSC valley above the lymphocytes"
         if ssc_name in lineage_axes:
+            # Up to the monocytes' mode: the two populations may cross on
+            # either side of the valley of their sum.
             border = _lineage_border(ssc, inside, lineage, lineage_share, centers, sigma,
-                                     modes[lymph_mode], valleys[lymph_mode][0], context.xp)
+                                     modes[lymph_mode], modes[lymph_mode + 1], context.xp)
             if border is not None:
                 hi, hi_how = border, "SSC above which monocytes outnumber lymphocytes (lineage markers)"
     else:
