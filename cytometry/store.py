@@ -66,6 +66,17 @@ def params_hash(options):
         path = values.get(name)
         if path and Path(path).is_file():
             values[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    # The panels and their gating plans are data: an edited plan (built in,
+    # in CYTOMETRY_PANELS or in panel_dirs) must analyse the samples again.
+    from gating.panels import PanelDefinitionError, load_panels
+
+    try:
+        panels = {name: panel.as_dict() for name, panel in load_panels(options.panel_dirs).items()}
+        for definition in panels.values():
+            definition.pop("source", None)
+    except PanelDefinitionError as exc:
+        panels = str(exc)
+    values["panel_definitions"] = panels
     text = json.dumps({"options": values, "software": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -20,6 +20,8 @@ import numpy as np
 from gpu import fit_gaussian_mixture, to_numpy
 from gpu.density import find_peaks_1d, gaussian_smooth_1d, histogram_1d, valley_between
 
+from .engine import _probe
+
 
 
 @dataclass
@@ -158,11 +160,6 @@ class GatingResult:
         while node is not None and node not in self.populations:
             node = self.parents.get(node)
         return node
-
-
-def _probe(values, size=40000):
-    """A regular subsample for quantiles of large arrays: the same to a bin, a fraction of the cost."""
-    return values if len(values) <= size else values[::len(values) // size]
 
 
 def _density(values, params, log_counts=False, with_sigma=False):

@@ -979,7 +979,7 @@ def clip_box_to_half_plane(box, normal, offset):
 
 # --------------------------------------------------------------------------- checks
 
-def verify_gating(data, channels, masks, gates, parents=None):
+def verify_gating(data, channels, masks, gates):
     """Check every gate against the data it was drawn on; a list of :class:`Flag`.
 
     * **Cut inside the data**: a 1-D cut found in a population lies within
@@ -1111,7 +1111,7 @@ def run_plan(data, channels, panel, params, device=None):
                     context.skipped.add(population)
                 continue
         STEP_METHODS[step.method].function(context, step)
-    context.flags.extend(verify_gating(context.data, channels, context.masks, context.gates, context.parents))
+    context.flags.extend(verify_gating(context.data, channels, context.masks, context.gates))
     unreliable = unreliable_populations(context.flags, context.parents)
     return GatingResult(masks=context.masks, gates=context.gates, flags=context.flags, device=device_name,
                         params=params, parents=dict(context.parents), unreliable=unreliable,

@@ -88,3 +88,19 @@ def test_bad_panel_file_is_one_clear_line(tmp_path, capsys, spec, problem):
     code = main(["analyze", str(tmp_path), "--panels", str(path)])
     err = capsys.readouterr().err
     assert code != 0 and problem in err and "Traceback" not in err
+
+
+def test_an_edited_gating_plan_analyses_again(tmp_path):
+    """The results store keys on the panels' content: a changed plan is a changed parameter."""
+    from cytometry.store import params_hash
+
+    folder = tmp_path / "panels"
+    folder.mkdir()
+    spec = json.loads((PANEL_DIR / "bcell_enumeration.json").read_text())
+    (folder / "bcell.json").write_text(json.dumps(spec))
+    options = AnalysisOptions(panel_dirs=(str(folder),))
+    before = params_hash(options)
+    assert params_hash(options) == before
+    spec["plan"][-1]["args"]["find_in"] = "b_cells"
+    (folder / "bcell.json").write_text(json.dumps(spec))
+    assert params_hash(options) != before
