@@ -96,6 +96,17 @@ def test_flowsom_population_inside_reference_range(flowsom, population):
     assert population not in flowsom.gating.unreliable
 
 
+def test_flowsom_from_the_command_line(capsys):
+    """``cytometry analyze 68983.fcs --json``: every reference population inside its range, none unreliable."""
+    _need(FLOWSOM)
+    sample = _analyze_json(capsys, FLOWSOM)
+    for population, (low, high) in FLOWSOM_RANGES.items():
+        entry = sample["populations"][population]
+        assert low <= entry["events"] <= high and entry["reliable"], (population, entry)
+    assert sample["populations"]["b_cells"]["parent"] == "lymphocytes"
+    assert not [f for f in sample["flags"] if f["severity"] == "fail"]
+
+
 def test_flowsom_lymphocyte_only_file_is_not_carved_into_three(flowsom):
     """The file was exported from the expert's lymphocyte gate: no monocytes or granulocytes in it."""
     masks = flowsom.gating.masks
