@@ -13,7 +13,7 @@ fitted to one data source:
   another lineage (``exclusive_of``: NK or T cells spread into CD19) is
   not the population. Without one, the positives are absent or rare, and
   the cut is the negatives' own tail measured after compensation: the
-  mode plus z spreads of its upper flank, z the normal quantile that
+  mode plus z spreads of its narrower flank, z the normal quantile that
   leaves 0.05 expected false positives (:func:`positive_cut`).
 * ``leukocytes`` — CD45+ events: the CD45 modes within a decade of the
   lymphocytes' level (CD3+ events), cut at the valley below the dimmest.
@@ -262,8 +262,8 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
     With two or more real modes the cut is at the valley of the highest
     z-score: the clearest gap. With one, the dominant mode is the negatives
     and the cut is ``mode + q·σ`` with ``q = Φ⁻¹(1 − false_positives/n)`` and σ
-    the spread of the mode's upper flank (68.27th percentile of the distance
-    to the mode above it):
+    the spread of the narrower of the mode's flanks (68.27th percentile of
+    the distance to the mode on that side):
     a Gaussian negative population of ``n`` events then puts
     ``false_positives`` events above the cut on average, and a population
     that is absent reads zero.
@@ -305,13 +305,16 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
     floor = float(centers[valleys[-1][0]]) if len(modes) >= 2 else -np.inf
     tail_z = float(ndtri(1.0 - false_positives / max(values.size, 1)))
     basin = values[values >= floor]
-    # The upper flank is the side the cut must clear. A few rare positives
-    # barely move its 68th percentile (half the negatives lie there); the
-    # lower flank is no guide to it, since compensated negatives are skewed:
-    # photon-noise spreading stretches their low side on a logicle scale,
-    # autofluorescence their high side in data units.
+    # The narrower of the mode's two flanks. Compensated negatives are
+    # skewed (photon-noise spreading stretches their low side on a logicle
+    # scale), and positives too few to make a valley of their own still
+    # stretch the high side; each inflates one flank only.
     upper = basin[basin > mode] - mode
-    spread = float(np.quantile(_probe(upper), 0.6827)) if upper.size >= 5 else lower_flank_spread(basin, mode)
+    spreads = [float(np.quantile(_probe(upper), 0.6827))] if upper.size >= 5 else []
+    lower = lower_flank_spread(basin, mode)
+    if lower is not None:
+        spreads.append(lower)
+    spread = min(spreads) if spreads else None
     if spread is None:
         location, spread = robust_location_scale(values)
     spread = max(float(spread), float(centers[1] - centers[0]))
@@ -376,7 +379,7 @@ def _describe(info, marker, search):
         return (f"{marker}: no valley in {search}; the {info['quantile']:.4f} quantile of its {info['reference']} "
                 f"events (known {marker}-negative)")
     if info["method"] == "negative tail":
-        return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x upper-flank SD "
+        return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x flank SD "
                 f"(the negatives' own tail)")
     return f"{marker}: {info['method']}"
 
