@@ -223,8 +223,9 @@ def resolve_panel(pnn, pns, overrides=None, override_source="panel file", panels
         if marker in overrides:
             continue
         if len(channels) > 1:
-            raise PanelError(f"marker {marker} is ambiguous: channels {', '.join(channels)} all name it "
-                             f"(give a panel file to choose)")
+            labels = ", ".join(f"{c} ({pns[pnn.index(c)]!r})" for c in channels)
+            raise PanelError(f"marker {marker} is ambiguous: channels {labels} all name it; give a panel file "
+                             f"(--panel PANEL.csv) with the line '{marker},<channel>' to choose")
         markers[marker] = channels[0]
     for marker, channel in overrides.items():
         if channel not in pnn:

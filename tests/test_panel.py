@@ -61,7 +61,7 @@ def test_missing_marker_error_names_marker_and_channels():
 
 
 def test_ambiguous_marker_is_an_error():
-    with pytest.raises(PanelError, match="CD19 is ambiguous: channels FL3-A, FL4-A"):
+    with pytest.raises(PanelError, match=r"CD19 is ambiguous: channels FL3-A \('CD19 APC'\), FL4-A \('CD19-PE'\)"):
         resolve_panel(["FSC-A", "SSC-A", "FL1-A", "FL2-A", "FL3-A", "FL4-A"],
                       ["", "", "CD3", "CD45", "CD19 APC", "CD19-PE"])
 
