@@ -375,9 +375,6 @@ class GatingContext:
 def _describe(info, marker, search):
     if info["method"] == "valley":
         return f"{marker} valley in {search} (z = {info['valley_z']:.1f})"
-    if info["method"] == "negative reference":
-        return (f"{marker}: no valley in {search}; the {info['quantile']:.4f} quantile of its {info['reference']} "
-                f"events (known {marker}-negative)")
     if info["method"] == "negative tail":
         return (f"{marker}: no valley in {search}; negatives' mode + {info['tail_z']:.2f} x flank SD "
                 f"(the negatives' own tail)")
@@ -439,28 +436,6 @@ def positive_step(context, step):
     else:
         search = searches[0]
         cut, info = context.cut(marker, search, acceptor(search))
-        reference = np.zeros(values.shape, dtype=bool)
-        for name in step.args.get("negative_reference", []):
-            if name not in context.skipped and name in context.masks:
-                reference |= context.masks[name]
-        reference &= context.masks[search] & np.isfinite(values)
-        if reference.sum() >= 20:
-            # No population above a valley: positives absent or too few to
-            # make a mode. The parent's own negatives may be too few to show
-            # their tail (a handful of non-B, non-NK lymphocytes), so the
-            # tail is read off the known-negative cells of the same search
-            # population (NK cells are CD19-negative, measured after
-            # compensation with their own spreading): their top quantile,
-            # 1 − 1/(n + 1), as fine as n reference events resolve (a
-            # negative distributed like them lands above it with
-            # probability 1/(n + 1)).
-            level = 1.0 - 1.0 / (reference.sum() + 1)
-            reference_cut = float(np.quantile(values[reference], level))
-            info = {"method": "negative reference", "reference": "+".join(step.args["negative_reference"]),
-                    "reference_events": int(reference.sum()), "quantile": round(level, 6),
-                    "negative_center": round(float(np.median(values[reference])), 6),
-                    "negative_sd": info.get("negative_sd")}
-            cut = reference_cut
     method = _describe(info, marker, search)
     if info.get("rejected_valleys"):
         method += f" (valleys at {info['rejected_valleys']} rejected: positives there are {', '.join(exclusive)})"
@@ -470,11 +445,11 @@ def positive_step(context, step):
         cut = np.inf
     info["found_in"] = search
     dims = [Dimension(marker, "logicle", cut, None)]
-    for other in step.args.get("and_below", []):
-        gate = context.gate(other)
+    for name in step.args.get("and_below", []):
+        gate = context.gate(name)
         if gate is not None and gate.dimensions:
             dims.append(Dimension(gate.dimensions[0].channel, "logicle", None, gate.dimensions[0].minimum))
-            method += f"; below the {other} cut on {gate.dimensions[0].channel}"
+            method += f"; below the {name} cut on {gate.dimensions[0].channel}"
     context.add(Gate(step.population, parent, "rectangle", dims, method=method, extra=info))
     if step.args.get("negative"):
         context.add(Gate(step.args["negative"], parent, "rectangle", [Dimension(marker, "logicle", None, cut)],
