@@ -723,14 +723,17 @@ def leukocyte_classes_step(context, step):
     counts, centers, sigma = smoothed_density(ssc_in, params.bins, context.xp)
     modes, valleys = significant_modes(counts, sigma, params.valley_z)
     if anchor is None:
-        # No lineage marker forms a positive mode: lymphocytes are taken as the
-        # lowest-SSC mode, which is exactly the assumption that fails after
-        # lymphodepletion, so the gate is flagged.
+        # No lineage marker forms a positive mode (a failed stain, a wrong
+        # tube): lymphocytes are taken as the lowest-SSC mode, which is
+        # exactly the assumption that fails after lymphodepletion, so the
+        # gate cannot vouch for itself.
         anchor_ssc = ssc_in[np.abs(ssc_in - centers[modes[0]]) < 3 * sigma * (centers[1] - centers[0])] \
             if modes else ssc_in
+        if anchor_ssc.size == 0:
+            anchor_ssc = ssc_in
         anchor_name = "lowest-SSC mode"
-        context.flag(names["lymphocytes"], "no_lineage_anchor", "warning",
-                     "no CD3+ or CD19+ mode to locate the lymphocytes; took the lowest-SSC mode")
+        context.flag(names["lymphocytes"], "no_lineage_anchor", "fail",
+                     "no CD3+ or CD19+ mode to locate the lymphocytes (stain failed?); took the lowest-SSC mode")
     else:
         anchor_ssc = ssc[anchor]
     a_median = float(np.median(anchor_ssc))

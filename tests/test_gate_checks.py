@@ -190,3 +190,17 @@ def test_gating_on_the_cpu_device_is_deterministic(screening):
     first, second = gate_file(screening), gate_file(screening)
     for name in first.gating.populations:
         assert np.array_equal(first.gating.masks[name], second.gating.masks[name]), name
+
+
+def test_lymphocytes_without_a_lineage_anchor_are_unreliable(screening):
+    """CD3 and CD19 stains failed: the lymphocytes cannot be named by phenotype, and say so."""
+    from gating import auto_gate
+
+    gated = gate_file(screening)
+    data = gated.data.copy()
+    rng = np.random.default_rng(0)
+    for marker in ("CD3", "CD19"):
+        data[:, gated.channels[marker]] = rng.normal(0.2, 0.03, len(data))
+    result = auto_gate(data, gated.channels, gated.panel.definition)
+    assert any(f.code == "no_lineage_anchor" and f.fails for f in result.flags)
+    assert {"lymphocytes", "t_cells", "b_cells", "nk_cells"} <= set(result.unreliable)
