@@ -409,6 +409,14 @@ def positive_step(context, step):
     for name in exclusive:
         other |= context.masks[name]
     parent_values = values[parent_mask & np.isfinite(values)]
+    parent_modes = []  # the parent's own modes, found once however many valleys are tried
+
+    def modes_of_parent():
+        if not parent_modes:
+            counts, centers, sigma = smoothed_density(parent_values, context.params.bins, context.xp)
+            modes, _ = significant_modes(counts, sigma, context.params.valley_z)
+            parent_modes.append([float(centers[m]) for m in modes])
+        return parent_modes[0]
 
     def acceptor(search):
         def accept(cut):
@@ -423,9 +431,7 @@ def positive_step(context, step):
             if search != parent:
                 if parent_values.size < 10:
                     return False
-                counts, centers, sigma = smoothed_density(parent_values, context.params.bins, context.xp)
-                modes, _ = significant_modes(counts, sigma, context.params.valley_z)
-                return any(centers[m] > cut for m in modes)
+                return any(center > cut for center in modes_of_parent())
             return True
         return accept if (exclusive or search != parent) else None
 
