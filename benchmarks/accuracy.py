@@ -14,6 +14,7 @@ accuracy, lymphosum, false qc_fail and wrong verdicts.
     python benchmarks/accuracy.py --conditions realistic        # or ideal, or names: typical,neutropenia
     python benchmarks/accuracy.py --list-conditions
     python benchmarks/accuracy.py --without-reference   # CAR cut from the sample alone
+    python benchmarks/accuracy.py --conditions car_reference --samples 200   # references at 0.5-2x gain
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cytometry.validation import (CONDITIONS, IDEAL_CONDITIONS, LYMPHOSUM_TOLERANCE_PCT,  # noqa: E402
                                   evaluate_tube, select_conditions, simulate_condition_set, summarize,
-                                  summarize_by_condition)
+                                  summarize_by_condition, summarize_car)
 
 
 def _fmt(value, pattern):
@@ -68,6 +69,27 @@ def print_condition_table(records, out=sys.stdout):
     for name, row in table.items():
         for error in row["errors"][:1]:
             print(f"  {name}: {error}", file=out)
+    return table
+
+
+def print_car_table(records, out=sys.stdout):
+    """CAR+ T cells per condition (see ``summarize_car``): the issue-13 targets."""
+    table = summarize_car(records)
+    if not table:
+        return table
+    print("\nCAR+ T cells against the pre-infusion reference (per condition; car_ref_gain_*: reference at 0.5-2x "
+          "the follow-up's gain)", file=out)
+    header = (f"{'condition':26s} {'n':>4s} {'CI cover':>8s} | {'n>=100':>6s} {'med err':>7s} {'p95 err':>7s} | "
+              f"{'n <1/uL':>7s} {'>=LLOQ':>6s}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for name, row in table.items():
+        print(f"{name:26s} {row['n']:4d} {row['coverage']:8.1%} | {row['n_error']:6d} "
+              f"{_fmt(row['median_rel_error'], '{:7.1%}')} {_fmt(row['p95_rel_error'], '{:7.1%}')} | "
+              f"{row['n_absent']:7d} {row['false_persistence']:6d}", file=out)
+    print("CI cover: share of 95% intervals holding the true CAR+ cells/uL; med/p95 err over tubes with >= 100 true "
+          "CAR+ events; n <1/uL: tubes whose true CAR+ is below 1 cell/uL, >=LLOQ: of those, reported at or above "
+          "the tube's LLOQ (a false persistence; target 0).", file=out)
     return table
 
 
@@ -144,6 +166,7 @@ def main(argv=None):
               f"{'; '.join(errors[:2])}")
     print("\nAccuracy per condition")
     print_condition_table(records)
+    print_car_table(records)
     times = [r.gating_seconds for r in records if r.status == "ok"]
     if times:
         print(f"\nload+compensate+transform+gate per tube: median {statistics.median(times) * 1000:.0f} ms "

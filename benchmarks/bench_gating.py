@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cytometry.analysis import (AnalysisOptions, GatedSample, analyze_gated, prepare_events,  # noqa: E402
-                                t_cell_car_values, with_car_reference)
+                                car_reference_of, with_car_reference)
 from cytometry.fcs import read_fcs  # noqa: E402
 from cytometry.panel import resolve_panel  # noqa: E402
 from cytometry.preprocess import compensate  # noqa: E402
@@ -95,7 +95,7 @@ def main(argv=None):
                 pre = simulate_tube("car", seed=6, concentrations=default_concentrations("car", car_t=0.0),
                                     blood_volume_ul=volume)
                 _, reference, _ = stage_times(write_tube(pre, Path(scratch) / "pre.fcs"), options)
-                tube_options = with_car_reference(options, t_cell_car_values(reference), "pre-infusion tube")
+                tube_options = with_car_reference(options, car_reference_of(reference, "pre-infusion tube"))
             runs = [stage_times(path, tube_options) for _ in range(args.repeats)]
             n_events = runs[0][1].sample.n_events
             stages = {name: statistics.median(run[0][name] for run in runs) for name in runs[0][0]}

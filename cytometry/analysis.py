@@ -7,7 +7,7 @@ message instead, so a batch always goes on.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +139,41 @@ def _gate_count_sd(gating, population):
     return float(np.sqrt(2.0 * float(gate.extra.get("expected_misclassified", 0.0) or 0.0)))
 
 
-def widen_for_overlap(count, count_sd, count_for):
+def _gate_upper_events(gating, population):
+    """The most events the gate's population may hold (its count's upper bound before noise), or 0."""
+    gate = next((g for g in gating.gates if g.name == population), None)
+    return float(gate.extra.get("upper_positive_events") or 0.0) if gate is not None else 0.0
+
+
+def _limits(gating, population, options):
+    """LOD and LLOQ (events) of a population in this tube: the options' floors, raised by a gate's background.
+
+    A CAR+ count is net of the negatives expected above its cut (estimated
+    from the reference's tail of ``k`` events): its background variance is
+    ``E + E²/k`` (:func:`cytometry.counts.detection_limits`).
+    """
+    from .counts import detection_limits
+
+    gate = next((g for g in gating.gates if g.name == population), None)
+    background, variance = 0.0, 0.0
+    if gate is not None and gate.extra.get("expected_negatives_above_cut") is not None:
+        background = float(gate.extra["expected_negatives_above_cut"])
+        tail = float(gate.extra.get("reference_tail_events") or 0.0)
+        variance = background + (background ** 2 / tail if tail > 0 else 0.0)
+    return detection_limits(background, variance, lod_events=options.lod_events, lloq_events=options.lloq_events)
+
+
+def _per_ul(count_for, events):
+    """cells/µL that ``events`` events of this tube stand for (rounded to 4 decimals)."""
+    exact = count_for(max(int(round(events)), 0))
+    per_event = exact.cells_per_ul / exact.events if exact.events else None
+    if per_event is None:
+        exact = count_for(1)
+        per_event = exact.cells_per_ul
+    return round(float(per_event * events), 4)
+
+
+def widen_for_overlap(count, count_sd, count_for, upper_events=None):
     """Add the gate's own uncertainty to a count's interval.
 
     Where a positive population overlaps its negatives (CAR+), the number of
@@ -155,6 +189,9 @@ def widen_for_overlap(count, count_sd, count_for):
         Standard deviation of the gated event number, in events.
     count_for : callable(events) -> Count
         The counting method (beads, volumetric or dual-platform).
+    upper_events : float, optional
+        The most events the population may hold (positives too few to
+        extrapolate below the cut): the upper end reaches its interval.
 
     Examples
     --------
@@ -169,7 +206,7 @@ def widen_for_overlap(count, count_sd, count_for):
 
     delta = 1.96 * count_sd
     low = count_for(max(0, int(np.floor(count.events - delta))))
-    high = count_for(int(np.ceil(count.events + delta)))
+    high = count_for(int(np.ceil(max(count.events, upper_events or 0.0) + delta)))
     return replace(count, ci95=(low.ci95[0], high.ci95[1]), method=f"{count.method}, interval widened for gate overlap")
 
 
@@ -442,7 +479,9 @@ def gate_file(path, options=None):
         flags.append(Flag("compensation", "not_compensated", "fail",
                           "no spillover matrix in the file and none supplied; data not compensated"))
     data, channels = prepare_events(sample, panel, spillover)
-    gating = auto_gate(data, channels, panel.definition or panel.name, params=options.gating, device=options.device)
+    tops = {marker: _channel_top(sample, sample.channel_index(name)) for marker, name in panel.markers.items()}
+    gating = auto_gate(data, channels, panel.definition or panel.name, params=options.gating, device=options.device,
+                       tops=tops)
     flags.extend(gating.flags)
     return GatedSample(sample=sample, panel=panel, spillover=spillover, data=data, channels=channels,
                        gating=gating, flags=flags)
@@ -501,13 +540,17 @@ def _count(gated, row, options, result, screening):
             if method != "dual-platform" or population in LYMPHOCYTE_SUBSETS:
                 counts[population] = count_for(gating.events(population))
         gate_sd = _gate_count_sd(gating, "car_t")
-        if gate_sd and "car_t" in counts:
-            counts["car_t"] = widen_for_overlap(counts["car_t"], gate_sd, count_for)
+        upper = _gate_upper_events(gating, "car_t")
+        if "car_t" in counts and (gate_sd or upper > counts["car_t"].events):
+            counts["car_t"] = widen_for_overlap(counts["car_t"], gate_sd, count_for, upper_events=upper)
+    limits = {name: _limits(gating, name, options) for name in counts}
     for name, count in counts.items():
-        if count.below_lloq and name in ("b_cells", "car_t"):
-            detected = "not detected, " if count.events < options.lod_events else ""
-            flags.append(Flag(name, "below_lloq", "info", f"{count.events} events < LLOQ of {options.lloq_events} "
-                                                          f"({detected}LOD {options.lod_events} events)"))
+        lod, lloq = limits[name]
+        counts[name] = replace(count, below_lloq=bool(count.events < lloq))
+        if counts[name].below_lloq and name in ("b_cells", "car_t"):
+            detected = "not detected, " if count.events < lod else ""
+            flags.append(Flag(name, "below_lloq", "info", f"{count.events} events < LLOQ of {lloq:.0f} "
+                                                          f"({detected}LOD {lod:.0f} events)"))
 
     flags.extend(review(gated, options.qc))
     unreliable = unreliable_populations(flags, gating.parents)
@@ -521,7 +564,10 @@ def _count(gated, row, options, result, screening):
                  "reliable": name not in unreliable, "unreliable_reasons": unreliable.get(name, [])}
         if name in counts:
             entry.update(counts[name].as_dict())
-            entry["below_lod"] = bool(counts[name].events < options.lod_events)
+            lod, lloq = limits[name]
+            entry["below_lod"] = bool(counts[name].events < lod)
+            entry["lod"] = {"events": round(float(lod), 1), "cells_per_ul": _per_ul(count_for, lod)}
+            entry["lloq"] = {"events": round(float(lloq), 1), "cells_per_ul": _per_ul(count_for, lloq)}
         else:
             entry.update(cells_per_ul=None, ci95=None, below_lloq=None, below_lod=None,
                          method=None, count_reason=details.get("reason") or
@@ -551,6 +597,8 @@ def _count(gated, row, options, result, screening):
                                                          **LOGICLE_DEFAULTS)[0]), 2),
             "source": car_gate.extra.get("reference"),
             "method": car_gate.method,
+            # the pre-infusion reference mapped onto this tube: gain ratio, its anchor, noise made up
+            "normalisation": car_gate.extra.get("normalisation"),
         }
         if options.gating.car_reference is None and _after_infusion(result):
             # Measured: without the pre-infusion tube the CAR+ interval holds
@@ -594,19 +642,52 @@ def t_cell_car_values(gated):
     return gated.data[gated.gating.masks["t_cells"], gated.channels["CAR"]]
 
 
-def with_car_reference(options, values, source):
-    """``options`` whose CAR gate is set against ``values`` (a CAR-negative reference from ``source``).
+def car_reference_of(gated, source=""):
+    """The CAR-negative reference a gated pre-infusion tube gives (``None`` without a CAR channel or T cells).
+
+    Its T cells' and counting beads' CAR-reagent values in linear,
+    compensated units, so that each follow-up tube can normalise it to its
+    own detector setting (:mod:`gating.car`).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> reference = car_reference_of(gate_file(Path("sample_fcs/S01_day000_CAR.fcs")), "day 0")  # doctest: +SKIP
+    >>> reference.beads.events > 1000  # doctest: +SKIP
+    True
+    """
+    from gating.car import BeadLevel, CarReference
+    from gpu.logicle import logicle_inverse
+
+    if "CAR" not in gated.channels or "t_cells" not in gated.gating.masks:
+        return None
+    column = gated.channels["CAR"]
+    top = _channel_top(gated.sample, column)
+    linear = logicle_inverse(gated.data[:, column], t=top, **LOGICLE_DEFAULTS)
+    beads = gated.gating.masks.get("beads")
+    level = BeadLevel.of(linear[beads], top) if beads is not None else None
+    return CarReference(linear[gated.gating.masks["t_cells"]], level, source)
+
+
+def with_car_reference(options, reference, source=None):
+    """``options`` whose CAR gate is set against ``reference`` (a CAR-negative reference from ``source``).
+
+    ``reference`` is a :class:`gating.car.CarReference` (from
+    :func:`car_reference_of`), or T cells' CAR values on the follow-up
+    tube's logicle scale (:func:`t_cell_car_values`; no bead anchor).
 
     Examples
     --------
     >>> import numpy as np
     >>> options = with_car_reference(AnalysisOptions(), np.zeros(300), "pre-infusion tube S01_day000_CAR.fcs")
-    >>> options.gating.car_reference.size, options.gating.car_reference_source
+    >>> len(options.gating.car_reference), options.gating.car_reference_source
     (300, 'pre-infusion tube S01_day000_CAR.fcs')
     """
     from dataclasses import replace
 
-    return replace(options, gating=replace(options.gating, car_reference=values, car_reference_source=source))
+    if source is None:
+        source = getattr(reference, "source", "")
+    return replace(options, gating=replace(options.gating, car_reference=reference, car_reference_source=source))
 
 
 class CarReferences:
@@ -660,11 +741,12 @@ class CarReferences:
         if subject not in self._values:
             values, problem = None, None
             try:
-                values = t_cell_car_values(gate_file(reference_row.path, self.options))
+                values = car_reference_of(gate_file(reference_row.path, self.options),
+                                          f"pre-infusion tube {reference_row.file}")
                 if values is None:
                     problem = "no CAR channel or no T cells"
-                elif values.size < 200:
-                    problem = f"{values.size} T cells < 200, too few to describe the negatives' tail"
+                elif len(values) < 200:
+                    problem = f"{len(values)} T cells < 200, too few to describe the negatives' tail"
                     values = None
             except Exception as exc:  # the reference tube's own error is reported when it is analysed
                 problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -239,3 +239,57 @@ def dual_platform_count(cell_events, lymphocyte_events, lymphocytes_per_ul, *, l
         method = f"dual-platform (lymphocyte count CV {lymphocytes_cv:g} included)"
     return Count(events=int(cell_events), cells_per_ul=proportion * lymphocytes_per_ul, ci95=(lower, upper),
                  below_lloq=cell_events < lloq_events, method=method)
+
+
+def detection_limits(background_events=0.0, background_variance=None, *, lod_events=DEFAULT_LOD_EVENTS,
+                     lloq_events=DEFAULT_LLOQ_EVENTS, lloq_cv=0.20):
+    """A tube's limits of detection and quantification, in events.
+
+    Where a population is counted net of a background (CAR+ events above a
+    cut that some negatives also pass), the limits rise with that
+    background's noise:
+
+    * **LOD** (Currie): the net count detected with 95 % power when the
+      decision level leaves 5 % false detections,
+      ``L_D = 2.71 + 3.29·σ₀``, σ₀² the variance of the net count when
+      nothing is there (the background's Poisson noise plus the error of
+      its estimate from the reference).
+    * **LLOQ**: the smallest net count whose CV is at most ``lloq_cv``
+      (20 %, the usual bioanalytical acceptance at the LLOQ): the root of
+      ``lloq_cv²·P² = P + σ₀²``. Without background this is 1/CV² = 25
+      events.
+
+    Neither falls below the configured floors ``lod_events`` and
+    ``lloq_events``.
+
+    Parameters
+    ----------
+    background_events : float
+        Expected negatives above the cut.
+    background_variance : float, optional
+        σ₀²; default ``background_events`` (a known background).
+    lod_events, lloq_events : int
+        Floors (the options').
+    lloq_cv : float
+
+    Returns
+    -------
+    (float, float)
+        LOD and LLOQ in events.
+
+    Examples
+    --------
+    >>> detection_limits()             # no background: the floors
+    (3, 25)
+    >>> lod, lloq = detection_limits(5.2, 5.2 + 5.2 ** 2 / 5)   # 0.1 % of 5,200 T cells, a 5-event reference tail
+    >>> round(lod, 1), round(lloq, 1)
+    (13.4, 33.0)
+    """
+    import math
+
+    variance = background_events if background_variance is None else background_variance
+    if variance <= 0:
+        return lod_events, lloq_events
+    lod = 2.71 + 3.29 * math.sqrt(variance)
+    lloq = (1.0 + math.sqrt(1.0 + 4.0 * lloq_cv ** 2 * variance)) / (2.0 * lloq_cv ** 2)
+    return max(lod, lod_events), max(lloq, lloq_events, lod)

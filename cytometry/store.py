@@ -36,7 +36,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +57,16 @@ def params_hash(options):
     """
     from . import __version__
 
-    values = asdict(options)
+    reference = options.gating.car_reference
+    values = asdict(replace(options, gating=replace(options.gating, car_reference=None)))
     values.pop("device", None)  # the device does not change the result
-    reference = values.get("gating", {}).get("car_reference")
-    if reference is not None:  # an array: hash its bytes, not its repr
-        values["gating"]["car_reference"] = hashlib.sha256(np.asarray(reference).tobytes()).hexdigest()
+    if reference is not None:  # events: hash their bytes, not their repr
+        events = getattr(reference, "t_cells", reference)
+        digest = hashlib.sha256(np.asarray(events, dtype=np.float64).tobytes())
+        describe = getattr(reference, "describe", None)
+        if describe is not None:
+            digest.update(json.dumps(describe(), sort_keys=True, default=str).encode())
+        values["gating"]["car_reference"] = digest.hexdigest()
     for name in ("compensation", "panel_file"):
         path = values.get(name)
         if path and Path(path).is_file():

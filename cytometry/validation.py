@@ -23,7 +23,7 @@ import numpy as np
 
 from gating import POPULATIONS
 
-from .analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, gate_file, t_cell_car_values,
+from .analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, car_reference_of, gate_file,
                        with_car_reference)
 from .simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
 from .simulate import default_concentrations, simulate_tube, write_tube
@@ -241,8 +241,47 @@ REALISTIC_CONDITIONS = [
     Condition("realistic_car", "car", _realistic_car),
 ]
 
+
+
+def _car_against_moved_reference(fraction_of_t=None, per_ul=None, photon_noise=False):
+    """A CAR follow-up tube whose pre-infusion reference was acquired at 0.5–2x its gains.
+
+    Each detector's reference gain is the follow-up's divided by its own
+    log-uniform ratio in 0.5–2 (a changed instrument setting between the
+    visits, not the ~10 % drift of tracked settings). CAR+ cells are
+    ``fraction_of_t`` (a ``(low, high)`` log-uniform range of the T cells,
+    a fifth of the tubes without any) or ``per_ul`` (a range in cells/µL).
+    """
+    def draw(rng):
+        blood = (_lymphodepleted_blood(rng, b_cells=0.0) if rng.integers(2)
+                 else _normal_blood(rng, lymphocytes=rng.uniform(400, 1500), b_cells=0.0))
+        t_cells = blood["lymphocytes"] - blood["b_cells"] - blood["nk_cells"]
+        if per_ul is not None:
+            blood["car_t"] = 0.0 if rng.random() < 0.2 else _log_uniform(rng, *per_ul)
+        else:
+            blood["car_t"] = 0.0 if rng.random() < 0.2 else _log_uniform(rng, *fraction_of_t) * t_cells
+        acquisition = {"blood_volume_ul": _acquired_blood_ul(rng, blood["lymphocytes"]), **_styles(rng),
+                       "gain_range": (0.9, 1.1), "reference_gain_ratio": (0.5, 2.0)}
+        if photon_noise:
+            acquisition["photon_noise"] = True
+        return blood, acquisition
+    return draw
+
+
+#: CAR tubes counted against a pre-infusion reference acquired at another
+#: detector setting (0.5–2x): the ``car_reference`` group of the harness.
+CAR_REFERENCE_CONDITIONS = [
+    Condition("car_ref_gain_0-60pct", "car", _car_against_moved_reference(fraction_of_t=(0.0005, 0.60))),
+    Condition("car_ref_gain_spread", "car", _car_against_moved_reference(fraction_of_t=(0.0005, 0.60),
+                                                                          photon_noise=True)),
+    Condition("car_ref_gain_0.05-1pct", "car", _car_against_moved_reference(fraction_of_t=(0.0005, 0.01),
+                                                                             photon_noise=True)),
+    # late visits: CAR+ cells gone or below 1 cell/uL (false persistence is the risk)
+    Condition("car_ref_gain_absent", "car", _car_against_moved_reference(per_ul=(0.02, 1.0), photon_noise=True)),
+]
+
 #: The harness's default set: the ideal conditions and the less ideal ones.
-CONDITIONS = IDEAL_CONDITIONS + REALISTIC_CONDITIONS
+CONDITIONS = IDEAL_CONDITIONS + REALISTIC_CONDITIONS + CAR_REFERENCE_CONDITIONS
 
 
 def select_conditions(names=None):
@@ -269,7 +308,8 @@ def select_conditions(names=None):
         return list(CONDITIONS)
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    groups = {"all": CONDITIONS, "ideal": IDEAL_CONDITIONS, "realistic": REALISTIC_CONDITIONS}
+    groups = {"all": CONDITIONS, "ideal": IDEAL_CONDITIONS, "realistic": REALISTIC_CONDITIONS,
+              "car_reference": CAR_REFERENCE_CONDITIONS}
     known = {c.name: c for c in CONDITIONS}
     chosen = set()
     for name in names:
@@ -325,6 +365,7 @@ def simulate_condition_set(out_dir, n_samples=120, seed=2026, with_pre_infusion=
     for index in range(n_samples):
         condition = conditions[index % len(conditions)]
         overrides, acquisition = condition.draw(rng)
+        reference_ratio = acquisition.pop("reference_gain_ratio", None)
         car_t = overrides.pop("car_t", None)
         concentrations = default_concentrations(condition.panel, car_t=car_t, **overrides) \
             if condition.panel == "car" else default_concentrations("tbnk", **overrides)
@@ -338,8 +379,16 @@ def simulate_condition_set(out_dir, n_samples=120, seed=2026, with_pre_infusion=
         if condition.panel == "car" and with_pre_infusion:
             # The same subject before infusion: no CAR+ cells, B cells not yet depleted.
             before = dict(overrides, b_cells=max(overrides.get("b_cells", 0.0), 30.0))
+            pre_acquisition = dict(acquisition)
+            if reference_ratio is not None:
+                # each detector of the reference at the follow-up's gain / its own ratio
+                pre_acquisition.pop("gain_range", None)
+                pre_acquisition["gains"] = {dye: gain / _log_uniform(rng, *reference_ratio)
+                                            for dye, gain in tube.truth["gains"].items()}
+                truth["reference_gain_ratio"] = {dye: tube.truth["gains"][dye] / g
+                                                 for dye, g in pre_acquisition["gains"].items()}
             pre = simulate_tube("car", seed=seed * 1000 + index + 500_000,
-                                concentrations=default_concentrations("car", car_t=0.0, **before), **acquisition)
+                                concentrations=default_concentrations("car", car_t=0.0, **before), **pre_acquisition)
             truth["pre_infusion_file"] = str(write_tube(pre, out_dir / f"{index:03d}_{condition.name}_pre.fcs"))
         tubes.append((path, condition.name, truth))
     return tubes
@@ -404,7 +453,7 @@ def evaluate_tube(path, condition, truth, options=None):
     names = truth["label_names"]
     try:
         if truth.get("pre_infusion_file"):
-            reference = t_cell_car_values(gate_file(truth["pre_infusion_file"], options))
+            reference = car_reference_of(gate_file(truth["pre_infusion_file"], options), "pre-infusion tube")
             options = with_car_reference(options, reference, "pre-infusion tube")
         start = time.perf_counter()
         gated = gate_file(path, options)
@@ -427,6 +476,7 @@ def evaluate_tube(path, condition, truth, options=None):
         if count is not None and population in concentrations:
             true_value = float(concentrations[population])
             entry.update(true_cells_per_ul=true_value, cells_per_ul=count["cells_per_ul"], ci95=count["ci95"],
+                         below_lloq=count.get("below_lloq"),
                          inside=bool(count["ci95"][0] <= true_value <= count["ci95"][1]),
                          relative_error=(abs(count["cells_per_ul"] - true_value) / true_value) if true_value else None)
         if population == "car_t":
@@ -552,6 +602,60 @@ def wrong_verdict(record):
     if record.eligibility_truth is None:
         return False
     return record.verdict == ("not_eligible" if record.eligibility_truth else "eligible")
+
+
+def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
+    """CAR+ accuracy of the tubes counted against a pre-infusion reference, per condition and overall.
+
+    Parameters
+    ----------
+    records : list of TubeRecord
+        Only CAR tubes with a CAR+ truth are used.
+    min_events_for_error : int
+        Relative errors only over tubes with at least this many true CAR+ events.
+    absent_below_per_ul : float
+        Tubes whose true CAR+ is below this many cells/µL must read "below
+        LLOQ": one that does not is a false persistence.
+
+    Returns
+    -------
+    dict
+        condition (and ``"all"``) -> ``n``, ``coverage`` (95 % intervals
+        holding the truth), ``median_rel_error`` and ``p95_rel_error`` (over
+        ``n_error`` tubes with enough events), ``n_absent`` (tubes below
+        ``absent_below_per_ul``) and ``false_persistence`` (of those, the
+        ones reported at or above the LLOQ).
+
+    Examples
+    --------
+    >>> r = TubeRecord("a.fcs", "car_x", "ok", panel="car", populations={"car_t": {
+    ...     "true_events": 400, "true_cells_per_ul": 50.0, "cells_per_ul": 47.0, "inside": True, "below_lloq": False,
+    ...     "relative_error": 0.06}})
+    >>> s = summarize_car([r])["all"]
+    >>> s["n"], s["coverage"], round(s["median_rel_error"], 2), s["false_persistence"]
+    (1, 1.0, 0.06, 0)
+    """
+    groups = {}
+    for r in records:
+        entry = r.populations.get("car_t")
+        if r.status != "ok" or r.panel != "car" or not entry or "inside" not in entry:
+            continue
+        for key in (r.condition, "all"):
+            groups.setdefault(key, []).append(entry)
+    table = {}
+    for key, entries in groups.items():
+        errors = [e["relative_error"] for e in entries
+                  if e["true_events"] >= min_events_for_error and e.get("relative_error") is not None]
+        absent = [e for e in entries if e["true_cells_per_ul"] < absent_below_per_ul]
+        table[key] = {"n": len(entries), "coverage": float(np.mean([e["inside"] for e in entries])),
+                      "n_error": len(errors),
+                      "median_rel_error": float(np.median(errors)) if errors else None,
+                      "p95_rel_error": float(np.percentile(errors, 95)) if errors else None,
+                      "n_absent": len(absent),
+                      "false_persistence": sum(1 for e in absent if e.get("below_lloq") is False)}
+    if "all" in table:
+        table["all"] = table.pop("all")
+    return table
 
 
 def summarize_by_condition(records, min_events_for_f1=50, populations=("b_cells", "lymphocytes", "car_t")):

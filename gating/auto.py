@@ -13,7 +13,7 @@ unbiased while a count of singlet cells over all beads would be ~4–5% low.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -60,10 +60,12 @@ class GatingParams:
     bead_max_scatter_ratio : float
         Beads may have up to this multiple of the beads' median scatter (a
         bead with a speck of debris) but not a cell's (≥ 2×).
-    car_reference : array or None
-        CAR-reagent values of a CAR-negative reference (the subject's
-        pre-infusion T cells, on the same transformed scale); ``None`` uses
-        the negative mode of the sample itself.
+    car_reference : gating.car.CarReference, array or None
+        A CAR-negative reference: the subject's pre-infusion T cells and
+        beads in the CAR channel (linear), normalised to each follow-up tube
+        before use (:mod:`gating.car`). A plain array is taken as T cells'
+        values on the follow-up tube's own logicle scale (no bead anchor).
+        ``None`` uses the negative mode of the sample itself.
     car_reference_source : str
         Where ``car_reference`` came from (file name), recorded with the gate;
         without a reference, why the linked one could not serve (or empty).
@@ -79,11 +81,6 @@ class GatingParams:
     bead_scatter_sd : float
         Bead events must lie within this many robust SDs of the beads'
         median log FSC-A and log SSC-A (bead–cell coincidences do not).
-    car_reference_max_shift : float
-        A CAR reference whose negatives had to be moved further than this
-        (logicle units; 0.04 is a ~1.5× detector gain on the 4.5-decade
-        scale) was acquired at another gain: the count is flagged as less
-        certain. Drift between visits is a few hundredths of that.
     seed : int
         Seed for the mixture model (results are deterministic).
     """
@@ -104,13 +101,13 @@ class GatingParams:
     car_reference_source: str = ""
     bead_gap_depth: float = 0.8
     bead_scatter_sd: float = 5.0
-    car_reference_max_shift: float = 0.04
     seed: int = 0
 
     def as_dict(self):
-        out = asdict(self)
+        out = asdict(replace(self, car_reference=None))
         if self.car_reference is not None:
-            out["car_reference"] = f"{len(self.car_reference)} events"
+            describe = getattr(self.car_reference, "describe", None)
+            out["car_reference"] = describe() if describe else f"{len(self.car_reference)} events"
         return out
 
 
@@ -341,7 +338,7 @@ def _extrapolate_positives(descending, cut, excess):
 
 
 def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5, min_shape_events=30,
-                                iterations=6):
+                                iterations=6, align=True, replicates=1):
     """Number of positive events in ``values``, the negatives known from a reference.
 
     For a dim positive population (CAR+ T cells) whose lower tail runs into
@@ -378,6 +375,14 @@ def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5
     min_shape_events : int
         Below this many positives above ``c`` their shape is not estimated
         and no extrapolation is made (``A − E`` is the estimate).
+    align : bool
+        Step 1 on (``True``); ``False`` when the reference has already been
+        normalised to this tube (:func:`gating.car.normalise_reference`).
+    replicates : int
+        ``reference`` holds this many noise replicates of each measured
+        event (a normalised reference): the tail rests on
+        ``min_tail_events × replicates`` values, and its own sampling noise
+        on ``1/replicates`` as many independent events.
 
     Returns
     -------
@@ -388,7 +393,9 @@ def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5
         spread and share above ``c``, and ``count_sd``: the estimate's
         standard deviation beyond the Poisson noise of the positives
         themselves (negatives above ``c``, the reference's own tail, the
-        extrapolation).
+        extrapolation); ``upper_positive_events``: with too few positives
+        to extrapolate, twice ``A − E`` (half of a population centred at
+        or above ``c`` may lie below it), else the estimate.
 
     Examples
     --------
@@ -403,7 +410,7 @@ def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5
     values = np.asarray(values, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     n = values.size
-    tail_events = max(int(round(tail * reference.size)), min_tail_events)
+    tail_events = max(int(round(tail * reference.size)), min_tail_events * replicates)
     reference_descending = np.sort(reference)[::-1]
     probabilities = np.linspace(0.30, 0.95, 14)
     reference_quantiles = np.quantile(reference, probabilities)
@@ -412,7 +419,7 @@ def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5
     fraction, center, spread = 0.0, None, None
     for _ in range(iterations):
         shift = float(np.median(_negative_quantiles(ascending, probabilities, fraction, center, spread)
-                                - reference_quantiles))
+                                - reference_quantiles)) if align else 0.0
         cut = float(reference_descending[tail_events - 1]) + shift
         above = int(n - np.searchsorted(ascending, cut, side="left"))
         # A sample's share above its k-th largest value is k / (size + 1)
@@ -425,9 +432,16 @@ def reference_subtraction_count(values, reference, tail=0.001, min_tail_events=5
             share_above, center, spread, share_sd, positives = _extrapolate_positives(descending, cut, excess)
         fraction = min(positives / n, 0.99)
     variance = positives * (1.0 - share_above) / share_above + (positives * share_sd / share_above) ** 2 + \
-        (expected_negatives + expected_negatives ** 2 / tail_events) / share_above ** 2
+        (expected_negatives + expected_negatives ** 2 / (tail_events / replicates)) / share_above ** 2
+    # Too few positives above the cut to estimate their shape: the point
+    # estimate is what the data show above the negatives (never more), but
+    # up to as many again may lie below the cut (a population centred at or
+    # above it, the bound the shape fit also keeps): the interval says so.
+    upper = positives if excess >= min_shape_events else 2.0 * excess
     info = {"reference_shift": round(shift, 6), "counting_cut": round(cut, 6), "events_above_cut": above,
+            "upper_positive_events": round(upper, 2),
             "expected_negatives_above_cut": round(expected_negatives, 2),
+            "reference_tail_events": round(tail_events / replicates, 2),
             "positive_share_above_cut": round(share_above, 4), "positive_events": round(positives, 2),
             "count_sd": round(float(np.sqrt(variance)), 3)}
     if center is not None:
@@ -538,7 +552,7 @@ def balanced_positive_threshold(values, params, reference=None):
     return float(threshold), info
 
 
-def auto_gate(data, channels, panel, *, params=None, device=None):
+def auto_gate(data, channels, panel, *, params=None, device=None, tops=None):
     """Gate a transformed event matrix by a panel's gating plan.
 
     Parameters
@@ -556,6 +570,9 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
     params : GatingParams, optional
     device : {"auto", "cpu", "gpu"}, optional
         Where the density kernels run.
+    tops : dict, optional
+        Marker → the range (``$PnR``) its logicle scale was made with
+        (default 262144); the CAR step works in linear units.
 
     Returns
     -------
@@ -579,4 +596,4 @@ def auto_gate(data, channels, panel, *, params=None, device=None):
         if panel not in panels:
             raise ValueError(f"unknown panel {panel!r} (known: {', '.join(panels)})")
         panel = panels[panel]
-    return run_plan(data, channels, panel, params, device=device)
+    return run_plan(data, channels, panel, params, device=device, tops=tops)

@@ -29,8 +29,8 @@ fitted to one data source:
   cuts.
 * ``negative_mode`` — events negative for a marker (live cells: viability
   dye negative).
-* ``car_positive`` — CAR+ T cells counted against the pre-infusion tube
-  (:func:`gating.auto.balanced_positive_threshold`).
+* ``car_positive`` — CAR+ T cells counted against the pre-infusion tube,
+  normalised to this tube first (:mod:`gating.car`).
 * ``beads``, ``singlets`` — counting beads and FSC-A/FSC-H singlets.
 
 After the plan, :func:`verify_gating` checks every gate (cut inside the
@@ -330,8 +330,9 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
 class GatingContext:
     """What the plan's steps share: the data, the masks and gates made so far, the flags."""
 
-    def __init__(self, data, channels, params, xp, device_name):
+    def __init__(self, data, channels, params, xp, device_name, tops=None):
         self.data, self.channels, self.params = data, channels, params
+        self.tops = dict(tops or {})   # marker → the channel's range ($PnR), for linear units
         self.xp, self.device_name = xp, device_name
         self.gates, self.masks, self.parents, self.flags = [], {}, {}, []
         self.stand_ins = {}   # population of a skipped optional step → the population it stands for
@@ -562,25 +563,45 @@ def exclusive_pair_step(context, step):
 
 @step_method("car_positive")
 def car_positive_step(context, step):
-    """CAR+ T cells, counted against the pre-infusion reference when there is one."""
+    """CAR+ T cells, counted against the pre-infusion reference when there is one.
+
+    The reference is first normalised to this tube (beads and CAR-negative
+    T cells as anchors, :func:`gating.car.count_against_reference`); the
+    cut leaves exactly the counted positives above it. Without a reference
+    (or one of fewer than 200 T cells) the cut comes from this tube alone
+    (:func:`gating.auto.balanced_positive_threshold`).
+    """
+    from gpu.logicle import logicle_inverse
+
     from .auto import balanced_positive_threshold
+    from .car import CarReference, count_against_reference, cut_leaving
 
     params = context.params
     marker = step.dimensions[0]
     parent = context.resolve(step.parent)
     values = context.values(marker)
     inside = context.masks[parent]
-    if inside.sum() >= 20:
-        reference = params.car_reference
-        cut, info = balanced_positive_threshold(values[inside], params, reference=reference)
-        info["reference"] = params.car_reference_source if reference is not None else \
-            "negative mode of the same sample"
-        shift = info.get("reference_shift")
-        if shift is not None and abs(shift) > params.car_reference_max_shift:
-            context.flag(step.population, "reference_gain_shift", "warning",
-                         f"the pre-infusion reference's CAR negatives sit {shift:+.3f} logicle units from this "
-                         f"tube's (detector gain about {10 ** (abs(shift) * 4.5):.1f}x different); CAR+ count "
-                         f"less certain")
+    top = context.tops.get(marker, 262144.0)
+    reference = params.car_reference
+    if reference is not None and not isinstance(reference, CarReference):
+        # T cells' values on the (logicle) scale of this tube, no beads: no gain anchor but the negatives.
+        reference = CarReference(logicle_inverse(np.asarray(reference, dtype=np.float64), t=top),
+                                 source=params.car_reference_source)
+    if reference is not None and len(reference) >= 200 and inside.sum() >= 50:
+        beads = context.masks.get("beads")
+        bead_values = values[beads] if beads is not None else None
+        positives, info = count_against_reference(values[inside], reference, bead_values, top)
+        cut = cut_leaving(values[inside], positives)
+        info["method"] = ("cut leaving above it the positives counted against the reference (normalised to this "
+                          "tube, subtracted, extrapolated)")
+        info["reference"] = params.car_reference_source or reference.source
+        for code, message in info.pop("flags"):
+            context.flag(step.population, code, "warning", message)
+    elif inside.sum() >= 20:
+        cut, info = balanced_positive_threshold(values[inside], params, reference=None)
+        info["reference"] = "negative mode of the same sample"
+        if reference is not None:
+            info["reference"] += f" (the reference has {len(reference)} T cells, fewer than 200)"
     else:
         context.flag(step.population, "too_few_parent_events", "warning",
                      f"too few T cells ({int(inside.sum())}) to set a CAR threshold")
@@ -1067,7 +1088,7 @@ def verify_gating(data, channels, masks, gates):
 
 # --------------------------------------------------------------------------- running a plan
 
-def run_plan(data, channels, panel, params, device=None):
+def run_plan(data, channels, panel, params, device=None, tops=None):
     """Run ``panel``'s gating plan on a transformed event matrix.
 
     Parameters
@@ -1078,6 +1099,10 @@ def run_plan(data, channels, panel, params, device=None):
     panel : gating.panels.GatingPanel
     params : gating.GatingParams
     device : {"auto", "cpu", "gpu"}, optional
+    tops : dict, optional
+        Marker → the channel's range (``$PnR``) its logicle scale was made
+        with (default 262144): for steps that work in linear units (the CAR
+        reference's normalisation).
 
     Returns
     -------
@@ -1086,7 +1111,7 @@ def run_plan(data, channels, panel, params, device=None):
     from .auto import GatingResult
 
     xp, device_name = get_array_module(device)
-    context = GatingContext(np.asarray(data, dtype=np.float64), channels, params, xp, device_name)
+    context = GatingContext(np.asarray(data, dtype=np.float64), channels, params, xp, device_name, tops)
     for step in panel.plan:
         missing = [d for d in step.dimensions if d not in channels and d not in ("FSC-H",)]
         if missing:

@@ -43,23 +43,31 @@ def test_gain_offset_between_tubes_is_found():
     assert info["reference_shift"] == pytest.approx(0.012, abs=0.004)
 
 
-def test_a_reference_at_another_gain_is_flagged(tmp_path):
-    from cytometry.analysis import AnalysisOptions, gate_file, t_cell_car_values, with_car_reference
+def test_a_reference_at_another_gain_is_normalised_by_the_beads(tmp_path):
+    from cytometry.analysis import AnalysisOptions, analyze_gated, car_reference_of, gate_file, with_car_reference
     from cytometry.simulate import default_concentrations, simulate_tube, write_tube
 
-    def reference_values(gain):
+    def reference(gain):
         tube = simulate_tube("car", seed=21, concentrations=default_concentrations("car", car_t=0.0),
                              blood_volume_ul=4.0, gain_range=(gain, gain))
-        return t_cell_car_values(gate_file(write_tube(tube, tmp_path / f"pre_{gain}.fcs")))
+        return car_reference_of(gate_file(write_tube(tube, tmp_path / f"pre_{gain}.fcs")), f"gain {gain}")
 
-    sample = write_tube(simulate_tube("car", seed=22, concentrations=default_concentrations("car", car_t=80.0),
-                                      blood_volume_ul=4.0, gain_range=(1.0, 1.0)), tmp_path / "day10.fcs")
-    flags = {}
+    tube = simulate_tube("car", seed=22, concentrations=default_concentrations("car", car_t=80.0),
+                         blood_volume_ul=4.0, gain_range=(1.0, 1.0))
+    sample = write_tube(tube, tmp_path / "day10.fcs")
+    counts = {}
     for gain in (1.05, 2.0):
-        options = with_car_reference(AnalysisOptions(), reference_values(gain), f"pre-infusion tube at gain {gain}")
-        flags[gain] = [f for f in gate_file(sample, options).gating.qc_flags if "detector gain about" in f]
-    assert flags[1.05] == []
-    assert len(flags[2.0]) == 1 and "2.0x different" in flags[2.0][0], flags[2.0]
+        options = with_car_reference(AnalysisOptions(beads_per_test=tube.truth["beads_per_test"],
+                                                     sample_volume_ul=tube.truth["sample_volume_ul"]), reference(gain))
+        result = analyze_gated(gate_file(sample, options), None, options)
+        normalisation = result["car_threshold"]["normalisation"]
+        assert normalisation["source"] == "beads"
+        assert normalisation["gain_ratio"] == pytest.approx(1.0 / gain, rel=0.05)
+        counts[gain] = result["populations"]["car_t"]
+        low, high = counts[gain]["ci95"]
+        assert low <= tube.truth["concentrations_per_ul"]["car_t"] <= high, counts[gain]
+    # the same tube: the two references give counts within each other's intervals
+    assert counts[2.0]["ci95"][0] <= counts[1.05]["cells_per_ul"] <= counts[2.0]["ci95"][1]
 
 
 def test_without_positives_almost_nothing_is_gated():

@@ -4,7 +4,7 @@ import io
 import flowkit as fk
 import pytest
 
-from cytometry.analysis import (AnalysisOptions, analyze_gated, export_gating, gate_file, t_cell_car_values,
+from cytometry.analysis import (AnalysisOptions, analyze_gated, car_reference_of, export_gating, gate_file,
                                 with_car_reference)
 from gating import POPULATIONS
 from gating.gatingml import gate_paths
@@ -14,9 +14,8 @@ TUBES = ["S01_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S02_screening_TBNK
 
 
 def _with_pre_infusion_reference(sample_dir):
-    values = t_cell_car_values(gate_file(sample_dir / "S01_day000_CAR.fcs"))
-    return with_car_reference(AnalysisOptions(beads_per_test=50000, sample_volume_ul=50), values,
-                              "pre-infusion tube S01_day000_CAR.fcs")
+    reference = car_reference_of(gate_file(sample_dir / "S01_day000_CAR.fcs"), "pre-infusion tube S01_day000_CAR.fcs")
+    return with_car_reference(AnalysisOptions(beads_per_test=50000, sample_volume_ul=50), reference)
 
 
 @pytest.mark.parametrize("name", TUBES + ["S01_day007_CAR.fcs with reference", "S01_day010_CAR.fcs with reference"])
