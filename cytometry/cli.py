@@ -211,7 +211,7 @@ def cmd_eligibility(args):
 
 
 def cmd_persistence(args):
-    from .subjects import (PERSISTENCE_COLUMNS, AplasiaRule, persistence, persistence_csv_rows,
+    from .subjects import (PERSISTENCE_COLUMNS, AplasiaRule, crosscheck_text, persistence, persistence_csv_rows,
                            save_kinetics_figure, write_csv)
 
     results = _subject_results(args)
@@ -247,6 +247,9 @@ def cmd_persistence(args):
                 f"recovery on day {subject['aplasia_recovery_day']}"
             print(f"  B-cell aplasia ({subject['aplasia_rule']['definition']}): from day {onset}, {end} "
                   f"({subject['aplasia_duration_days']} days)")
+        for point in subject["timeline"]:
+            for check in point.get("t_cell_crosscheck") or []:
+                print(f"  {crosscheck_text(check)}")
     return _exit_code(results)
 
 

@@ -67,7 +67,7 @@ def build_report(results, thumbnails=True, aplasia=None):
     -------
     str
     """
-    from .subjects import kinetics_figure, persistence, screening_decisions
+    from .subjects import crosscheck_text, kinetics_figure, persistence, screening_decisions
 
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Cytometry QC report</title>"
              f"<style>{_STYLE}</style></head><body>",
@@ -116,6 +116,10 @@ def build_report(results, thumbnails=True, aplasia=None):
                          f"{_e(subject['auc_0_28'])} cells/µL × day; last quantifiable {_e(subject['clast'])} on day "
                          f"{_e(subject['tlast_day'])}; B-cell aplasia from day {_e(subject['aplasia_onset_day'])}, "
                          f"recovery day {_e(subject['aplasia_recovery_day'])}.</p>")
+            checks = [check for point in subject["timeline"] for check in point.get("t_cell_crosscheck") or []]
+            if checks:
+                parts.append("<ul>" + "".join(f"<li class='{'error' if c['flagged'] else 'ok'}'>"
+                                              f"{_e(crosscheck_text(c))}</li>" for c in checks) + "</ul>")
             parts.append(f"<img alt='kinetics {_e(subject['subject_id'])}' src='{_png(kinetics_figure(subject), 70)}'>")
 
     if thumbnails:

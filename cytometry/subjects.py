@@ -17,10 +17,25 @@ Kinetics
     "below the limit of quantification" points; the result says so);
     Clast / Tlast the last quantifiable value; B-cell aplasia by a named,
     versioned rule (default: CD19+ B cells below 1 cell/µL after infusion).
+
+TBNK / CAR T-cell cross-check
+    When a subject has a TBNK tube and a CAR tube on the same study day (the
+    same blood), both count CD3+ T cells; they must agree within counting
+    noise. ``ln(TBNK T/µL) - ln(CAR-tube T/µL)`` is tested against 0 with a
+    two-sided z-test whose standard error combines each tube's own: from its
+    exact 95 % interval, ``(ln high - ln low) / (2 x 1.96)`` - for bead
+    counting about ``sqrt(1/cells + 1/beads)``, the Poisson noise of both
+    counts, whatever the counting method. A pair is flagged when
+    ``p < 0.001`` (``|z| > 3.29``): with counting noise alone one agreeing
+    pair in a thousand is flagged; with 4,000 T cells and 9,000 beads in each
+    tube the standard error is 2.7 %, so a difference beyond ~9 % - a wrong
+    bead lot constant, a pipetting error, a T-cell gate that lost cells - is.
+    The TBNK tubes are never kinetics points.
 """
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -224,23 +239,170 @@ def kinetics(points, aplasia=None, auc_window=(0.0, 28.0)):
     return out
 
 
-def persistence(results, aplasia=None):
+CROSSCHECK_ALPHA = 0.001
+CROSSCHECK_RULE = ("two-sided z-test of ln(TBNK T/uL) - ln(CAR-tube T/uL) = 0, each tube's standard error from its "
+                   "exact 95% interval ((ln high - ln low) / 3.92: Poisson counting of cells and beads); "
+                   "flagged when p < {alpha:g}")
+
+
+def _t_cell_count(result):
+    """``(entry, None)`` for a result's T-cell count usable in the cross-check, else ``(None, why)``."""
+    name = Path(result["file"]).name
+    if result.get("status", "ok") != "ok":
+        return None, f"{name} failed ({result.get('error') or 'error'})"
+    count = (result.get("populations") or {}).get("t_cells")
+    if not count:
+        return None, f"{name} has no T-cell count"
+    if count.get("cells_per_ul") is None:
+        return None, f"{name}: T cells not counted ({count.get('count_reason') or 'no counting method'})"
+    if count.get("reliable") is False:
+        return None, f"{name}: T-cell gate unreliable"
+    ci = count.get("ci95")
+    if count.get("below_lloq") or not ci or not ci[0] > 0 or not count["cells_per_ul"] > 0:
+        return None, f"{name}: {count.get('events')} T-cell events, too few to compare"
+    return {"file": result["file"], "cells_per_ul": count["cells_per_ul"], "ci95": list(ci),
+            "events": count.get("events"), "bead_events": (result.get("beads") or {}).get("events")}, None
+
+
+def t_cell_crosscheck(tbnk, car, alpha=CROSSCHECK_ALPHA):
+    """Compare the T cells/µL of a TBNK tube and a CAR tube of the same visit (same blood).
+
+    Parameters
+    ----------
+    tbnk, car : dict
+        Per-sample results (``analyze_file``) with ``populations.t_cells``
+        (``cells_per_ul``, ``ci95``, ``events``).
+    alpha : float
+        Two-sided significance level of the z-test (see the module notes).
+
+    Returns
+    -------
+    dict
+        ``study_day``, ``tbnk`` and ``car`` (file, cells/µL, interval, events,
+        bead events), ``compared``, ``ratio`` (TBNK / CAR tube),
+        ``difference_pct``, ``z``, ``p_value``, ``alpha``, ``flagged``,
+        ``reason`` (why not compared) and the ``rule``.
+
+    Examples
+    --------
+    >>> def tube(name, value, low, high):
+    ...     return {"file": name, "study_day": 28, "populations": {"t_cells": {"cells_per_ul": value,
+    ...             "ci95": [low, high], "events": 4000, "below_lloq": False}}}
+    >>> same = t_cell_crosscheck(tube("T.fcs", 471.6, 458.0, 485.5), tube("C.fcs", 462.4, 448.9, 476.2))
+    >>> same["flagged"], round(same["z"], 2)
+    (False, 0.93)
+    >>> wrong_lot = t_cell_crosscheck(tube("T.fcs", 405.0, 393.3, 417.0), tube("C.fcs", 462.4, 448.9, 476.2))
+    >>> wrong_lot["flagged"], round(wrong_lot["difference_pct"], 1), round(wrong_lot["z"], 1)
+    (True, -12.4, -6.3)
+    """
+    rule = CROSSCHECK_RULE.format(alpha=alpha)
+    out = {"study_day": car.get("study_day"), "tbnk": None, "car": None, "compared": False, "ratio": None,
+           "difference_pct": None, "z": None, "p_value": None, "alpha": alpha, "flagged": False, "reason": None,
+           "rule": rule}
+    (a, why_a), (b, why_b) = _t_cell_count(tbnk), _t_cell_count(car)
+    out["tbnk"], out["car"] = a, b
+    if a is None or b is None:
+        out["reason"] = "not compared: " + "; ".join(w for w in (why_a, why_b) if w)
+        return out
+    z_975 = 1.959963984540054
+    se = [(math.log(c["ci95"][1]) - math.log(c["ci95"][0])) / (2 * z_975) for c in (a, b)]
+    diff = math.log(a["cells_per_ul"]) - math.log(b["cells_per_ul"])
+    z = diff / math.hypot(*se)
+    p = math.erfc(abs(z) / math.sqrt(2.0))
+    out.update(compared=True, ratio=math.exp(diff), difference_pct=(math.exp(diff) - 1.0) * 100.0, z=z,
+               p_value=p, flagged=p < alpha)
+    return out
+
+
+def crosscheck_text(check):
+    """One line for a cross-check (CLI and flags).
+
+    Examples
+    --------
+    >>> crosscheck_text({"study_day": 28, "compared": False, "reason": "not compared: T.fcs has no T-cell count"})
+    'T-cell cross-check day 28: not compared: T.fcs has no T-cell count'
+    """
+    head = f"T-cell cross-check day {check['study_day']}"
+    if not check["compared"]:
+        return f"{head}: {check['reason']}"
+    a, b = check["tbnk"], check["car"]
+    verdict = (f"DISAGREE beyond counting noise (p = {check['p_value']:.2g} < {check['alpha']:g})" if check["flagged"]
+               else f"agree within counting noise (p = {check['p_value']:.2g})")
+    return (f"{head}: TBNK {Path(a['file']).name} {a['cells_per_ul']:.4g} [{a['ci95'][0]:.4g}-{a['ci95'][1]:.4g}] vs "
+            f"CAR tube {Path(b['file']).name} {b['cells_per_ul']:.4g} [{b['ci95'][0]:.4g}-{b['ci95'][1]:.4g}] "
+            f"T cells/uL ({check['difference_pct']:+.1f}%, z = {check['z']:.2f}): {verdict}")
+
+
+def _numeric_day(result):
+    day = result.get("study_day")
+    return float(day) if isinstance(day, (int, float)) and not isinstance(day, bool) else None
+
+
+def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
     """Per-subject timelines and kinetics from the CAR tubes of a run.
+
+    TBNK tubes are not kinetics points; a TBNK tube on the same study day as
+    a CAR tube of the subject is compared with it (:func:`t_cell_crosscheck`).
+
+    Parameters
+    ----------
+    results : list of dict
+        Per-sample results of a run (any panels).
+    aplasia : AplasiaRule, optional
+    crosscheck_alpha : float
+        Significance level of the TBNK/CAR T-cell cross-check.
 
     Returns
     -------
     list of dict
-        ``subject_id``, ``timeline`` (sorted by study day) and the fields of
-        :func:`kinetics`.
+        ``subject_id``, ``timeline`` (sorted by study day; each point has
+        ``t_cell_crosscheck``, a list with one entry per TBNK tube of that
+        day, and a ``t_cells`` qc flag when a pair disagrees), the fields of
+        :func:`kinetics`, and ``t_cell_crosscheck`` (``rule``, ``pairs``,
+        ``flagged_days``).
+
+    Examples
+    --------
+    >>> def tube(panel, day, t, car=None):
+    ...     pops = {"t_cells": {"cells_per_ul": t, "ci95": [t * 0.96, t * 1.04], "events": 2500, "below_lloq": False},
+    ...             "b_cells": {"cells_per_ul": 0.0, "ci95": [0.0, 0.4], "events": 0, "below_lloq": True}}
+    ...     if car is not None:
+    ...         pops["car_t"] = {"cells_per_ul": car, "ci95": [car * 0.9, car * 1.1], "events": 400,
+    ...                          "below_lloq": False}
+    ...     return {"file": f"{panel}{day}.fcs", "subject_id": "S1", "study_day": day, "panel": panel,
+    ...             "populations": pops, "qc_flags": []}
+    >>> rows = persistence([tube("car", 7, 300.0, car=80.0), tube("tbnk", 7, 250.0), tube("tbnk", 14, 400.0)])
+    >>> [p["study_day"] for p in rows[0]["timeline"]], rows[0]["t_cell_crosscheck"]["flagged_days"]
+    ([7], [7])
     """
-    by_subject = {}
+    by_subject, tbnk_by_visit = {}, {}
     for result in results:
         if result.get("panel") == "car" or (result.get("populations") or {}).get("car_t"):
-            by_subject.setdefault(subject_of(result), []).append(_point(result))
+            by_subject.setdefault(subject_of(result), []).append((result, _point(result)))
+        elif result.get("panel") == "tbnk" and _numeric_day(result) is not None:
+            tbnk_by_visit.setdefault((subject_of(result), _numeric_day(result)), []).append(result)
     rows = []
-    for subject, points in sorted(by_subject.items()):
+    rule = CROSSCHECK_RULE.format(alpha=crosscheck_alpha)
+    for subject, items in sorted(by_subject.items()):
+        pairs, flagged = 0, []
+        for result, point in items:
+            checks = []
+            day = _numeric_day(result)
+            if day is not None:
+                for tbnk in sorted(tbnk_by_visit.get((subject, day), []), key=lambda r: Path(r["file"]).name):
+                    check = t_cell_crosscheck(tbnk, result, crosscheck_alpha)
+                    checks.append(check)
+                    pairs += check["compared"]
+                    if check["flagged"]:
+                        point["qc_flags"].append(f"t_cells: {crosscheck_text(check)}")
+                        if point["study_day"] not in flagged:
+                            flagged.append(point["study_day"])
+            point["t_cell_crosscheck"] = checks
+        points = [point for _, point in items]
         points.sort(key=lambda p: (p["study_day"] if isinstance(p["study_day"], (int, float)) else float("inf")))
-        rows.append({"subject_id": subject, "timeline": points, **kinetics(points, aplasia)})
+        rows.append({"subject_id": subject, "timeline": points, **kinetics(points, aplasia),
+                     "t_cell_crosscheck": {"rule": rule, "alpha": crosscheck_alpha, "pairs": pairs,
+                                           "flagged_days": sorted(flagged)}})
     return rows
 
 
@@ -302,6 +464,16 @@ def _timeline_value(name, field):
     return get
 
 
+def _crosscheck_value(get):
+    """A CSV cell from the point's TBNK/CAR cross-checks: the value, or values joined by ' | ' for several."""
+    def cell(point):
+        values = [get(check) for check in point.get("t_cell_crosscheck") or []]
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else " | ".join(str(v) for v in values)
+    return cell
+
+
 PERSISTENCE_COLUMNS = [
     ("subject_id", "subject_id"), ("study_day", "study_day"),
     ("car_t_per_ul", _timeline_value("car_t", "cells_per_ul")),
@@ -311,6 +483,10 @@ PERSISTENCE_COLUMNS = [
     ("b_cells_per_ul", _timeline_value("b_cells", "cells_per_ul")),
     ("b_cells_below_lloq", _timeline_value("b_cells", "below_lloq")),
     ("file", "file"), ("qc_flags", lambda p: " | ".join(p.get("qc_flags") or [])),
+    ("tbnk_t_cells_per_ul", _crosscheck_value(lambda c: c["tbnk"] and c["tbnk"]["cells_per_ul"])),
+    ("car_tube_t_cells_per_ul", _crosscheck_value(lambda c: c["car"] and c["car"]["cells_per_ul"])),
+    ("t_cell_crosscheck_z", _crosscheck_value(lambda c: c["z"])),
+    ("t_cell_crosscheck_flagged", _crosscheck_value(lambda c: c["flagged"] if c["compared"] else None)),
 ]
 
 
