@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from cytometry.simulate import default_concentrations
-from cytometry.validation import (CONDITIONS, IDEAL_CONDITIONS, REALISTIC_CONDITIONS, TubeRecord, evaluate_tube,
-                                  select_conditions, simulate_condition_set, summarize, summarize_by_condition)
+from cytometry.validation import (CAR_REFERENCE_CONDITIONS, CONDITIONS, IDEAL_CONDITIONS, REALISTIC_CONDITIONS,
+                                  TubeRecord, evaluate_tube, select_conditions, simulate_condition_set, summarize,
+                                  summarize_by_condition)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,9 @@ def _draws(name, n=200, seed=5):
 def test_condition_set_holds_ideal_and_realistic_conditions():
     names = [c.name for c in CONDITIONS]
     assert len(names) == len(set(names))
-    assert CONDITIONS == IDEAL_CONDITIONS + REALISTIC_CONDITIONS and len(REALISTIC_CONDITIONS) >= 10
+    assert CONDITIONS == IDEAL_CONDITIONS + REALISTIC_CONDITIONS + CAR_REFERENCE_CONDITIONS
+    assert len(REALISTIC_CONDITIONS) >= 10
+    assert [c.name for c in select_conditions("car_reference")] == [c.name for c in CAR_REFERENCE_CONDITIONS]
     assert [c.name for c in select_conditions("ideal")] == [c.name for c in IDEAL_CONDITIONS]
     assert [c.name for c in select_conditions(["neutropenia", "typical"])] == ["typical", "neutropenia"]
     with pytest.raises(ValueError, match="unknown condition"):
@@ -234,3 +237,13 @@ def test_accuracy_script_prints_the_condition_table(capsys):
     accuracy.main(["--list-conditions"])
     listed = capsys.readouterr().out.split()
     assert all(c.name in listed for c in CONDITIONS)
+
+
+def test_car_reference_conditions_acquire_the_reference_at_another_gain(tmp_path):
+    tubes = simulate_condition_set(tmp_path, n_samples=len(CAR_REFERENCE_CONDITIONS), seed=5,
+                                   conditions=CAR_REFERENCE_CONDITIONS)
+    ratios = [r for _, _, truth in tubes for r in truth["reference_gain_ratio"].values()]
+    assert len(ratios) == 7 * len(tubes) and all(0.5 <= r <= 2.0 for r in ratios)
+    assert max(ratios) / min(ratios) > 1.5          # drawn per detector over the range, not a fixed drift
+    for path, _, truth in tubes:
+        assert Path(truth["pre_infusion_file"]).is_file() and truth["concentrations_per_ul"].get("car_t") is not None
