@@ -141,8 +141,12 @@ def _point(result):
         # not a point of the kinetics; the visit's flags say why.
         if not count or count.get("cells_per_ul") is None or count.get("reliable") is False:
             return None
-        return {"cells_per_ul": count["cells_per_ul"], "ci95": count["ci95"], "below_lloq": count["below_lloq"],
-                "events": count["events"]}
+        entry = {"cells_per_ul": count["cells_per_ul"], "ci95": count["ci95"], "below_lloq": count["below_lloq"],
+                 "events": count["events"]}
+        for limit in ("lod", "lloq"):  # the tube's own detection limits, when the analysis gives them
+            if count.get(limit):
+                entry[limit] = count[limit]
+        return entry
 
     return {"study_day": result.get("study_day"), "file": result["file"], "status": result.get("status", "ok"),
             "car_t": entry("car_t"), "b_cells": entry("b_cells"), "qc_flags": list(result.get("qc_flags") or [])}
@@ -532,10 +536,13 @@ def kinetics_figure(subject):
         lloq = []
         for p in points:
             entry = p[name]
+            if (entry.get("lloq") or {}).get("cells_per_ul") is not None:  # the tube's own LLOQ
+                lloq.append(entry["lloq"]["cells_per_ul"])
+                continue
             # cells/uL per event; with 0 events, from the exact upper bound (3.689 events).
             per_event = entry["cells_per_ul"] / entry["events"] if entry["events"] else entry["ci95"][1] / 3.689
             lloq.append(25 * per_event if per_event else np.nan)
-        ax.step(days, lloq, where="mid", color="0.5", ls="--", lw=1, label="LLOQ (25 events)")
+        ax.step(days, lloq, where="mid", color="0.5", ls="--", lw=1, label="LLOQ (per tube)")
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.legend(fontsize=7, loc="best")
