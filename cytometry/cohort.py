@@ -474,6 +474,21 @@ def _relative_error(measured, true):
     return (measured - true) / true
 
 
+def _truth_at_tube_lloq(visits, timeline):
+    """True kinetics with each visit quantifiable when its true value reaches the measured tube's LLOQ."""
+    singlet = singlet_probability()
+    points = []
+    for v in visits:
+        car = (timeline.get(v["study_day"]) or {}).get("car_t") or {}
+        lloq = (car.get("lloq") or {}).get("cells_per_ul")
+        value = v["car_t_per_ul"]
+        below = value < lloq if lloq is not None else value * v["blood_volume_ul"] * singlet < LLOQ_EVENTS
+        points.append({"study_day": v["study_day"], "status": "ok",
+                       "car_t": {"cells_per_ul": value, "below_lloq": below, "events": value},
+                       "b_cells": {"cells_per_ul": v["b_cells_per_ul"], "below_lloq": False, "events": 1}})
+    return kinetics(points)
+
+
 def compare_to_truth(truth, subjects, tolerance=0.2):
     """Measured kinetics (``cytometry persistence --json``) against the cohort's truth.
 
@@ -490,10 +505,14 @@ def compare_to_truth(truth, subjects, tolerance=0.2):
     -------
     dict
         Subject ID -> ``parameters`` (key, label, true, perfect-gate, measured,
-        relative error, passed), ``visits`` (true, perfect-gate and measured
-        CAR+ T and B cells per CAR tube) and ``crosschecks`` (study day,
-        expected flag, flagged, z, passed). A subject missing from the
-        measurement fails every parameter.
+        relative error, passed, diagnostic), ``visits`` (true, perfect-gate and
+        measured CAR+ T and B cells per CAR tube) and ``crosschecks`` (study
+        day, expected flag, flagged, z, passed). A subject missing from the
+        measurement fails every parameter. Two ``diagnostic`` rows,
+        ``clast_at_tube_lloq`` and ``tlast_at_tube_lloq``, judge the true
+        values against each measured tube's own reported LLOQ (cells/uL)
+        instead of the cohort's 25 expected events: they separate a wrong
+        count from an LLOQ that is higher than the truth assumed.
 
     Examples
     --------
@@ -520,8 +539,17 @@ def compare_to_truth(truth, subjects, tolerance=0.2):
             else:
                 passed = abs(error) <= tolerance
             params.append({"key": key, "label": label, "kind": kind, "true": true, "tube": tube, "measured": got,
-                           "relative_error": error, "passed": bool(passed)})
+                           "relative_error": error, "passed": bool(passed), "diagnostic": False})
         timeline = {p["study_day"]: p for p in (m or {}).get("timeline", [])}
+        at_tube_lloq = _truth_at_tube_lloq(t["visits"], timeline)
+        for key, label, kind, source in (("clast_at_tube_lloq", "Clast, truth at tube LLOQ", "value", "clast"),
+                                         ("tlast_at_tube_lloq", "Tlast, truth at tube LLOQ", "day", "tlast_day")):
+            true, got = at_tube_lloq[source], (m.get(source) if m else None)
+            error = _relative_error(got, true) if kind == "value" else None
+            passed = m is not None and (got == true if kind == "day" or true is None or got is None
+                                        else abs(error) <= tolerance)
+            params.append({"key": key, "label": label, "kind": kind, "true": true, "tube": None, "measured": got,
+                           "relative_error": error, "passed": bool(passed), "diagnostic": True})
         visits = []
         for v in t["visits"]:
             point = timeline.get(v["study_day"]) or {}
