@@ -51,9 +51,14 @@ from gpu.logicle import logicle, logicle_inverse
 
 #: Share of a normal population below its mean − 1 SD: the lower flank's quantile.
 LOWER_FLANK = float(ndtr(-1.0))
+#: ... and below its mean − 2 SD: where the lower tail's weight is read.
+DEEP_TAIL = float(ndtr(-2.0))
 #: The asymptotic SD of (median − 15.9th percentile) of n normal values is
 #: about 1.49 σ/√n (quantile variances and covariance), so relative 1.49/√n.
 FLANK_SPREAD_SE = 1.49
+#: The asymptotic SD of a normal sample's 2.3 % quantile is about 2.76 σ/√n
+#: (√(p(1 − p)) / φ(2)).
+DEEP_TAIL_SE = 2.76
 #: Noise replicates per reference event when noise is added (fixed normal
 #: quantiles: enough that the tail is smooth, deterministic).
 NOISE_REPLICATES = 8
@@ -170,21 +175,34 @@ def _negatives_of(ascending, fraction, center, spread, top):
     """
     from .auto import _negative_quantiles
 
-    quantiles = _negative_quantiles(ascending, np.array([LOWER_FLANK, 0.5]), fraction, center, spread)
-    low, median = (float(v) for v in logicle_inverse(quantiles, t=top))
-    return median, max(median - low, 1e-9)
+    quantiles = _negative_quantiles(ascending, np.array([DEEP_TAIL, LOWER_FLANK, 0.5]), fraction, center, spread)
+    deep, low, median = (float(v) for v in logicle_inverse(quantiles, t=top))
+    return median, max(median - low, 1e-9), max(median - deep, 1e-9)
 
 
 def normalise_reference(reference, ratio, negatives, negative_events, top):
     """The reference mapped onto the follow-up tube, on its logicle scale.
+
+    The reference's events become ``m + λ·a·(x − m_ref) + σ·z``: ``a`` the
+    gain ratio, ``m`` the follow-up negatives' median. Where the
+    follow-up's negatives are wider (their lower flank, free of CAR+ cells)
+    than ``a`` alone makes the reference, the difference is made up by
+    Gaussian noise ``σ`` (electronic noise, which does not scale with gain)
+    and a stretch ``λ ≥ 1`` (spreading from other detectors whose gains
+    changed differently, heavier-tailed than Gaussian): of the pairs that
+    match the lower flank, the one that also matches the lower tail (the
+    2.3 % quantile) is used. Both are read on the lower side, where no
+    CAR+ cell is, and applied to both sides.
 
     Parameters
     ----------
     reference : CarReference
     ratio : float
         Gain ratio follow-up / reference.
-    negatives : (float, float)
-        The follow-up negatives' median and lower-flank spread (linear).
+    negatives : tuple of float
+        The follow-up negatives' median, lower-flank spread (median − 15.9th
+        percentile) and, optionally, lower-tail spread (median − 2.3th
+        percentile), linear.
     negative_events : float
         How many negatives those were measured on.
     top : float
@@ -195,7 +213,8 @@ def normalise_reference(reference, ratio, negatives, negative_events, top):
     values : ndarray
         Normalised reference (logicle scale), ``replicates`` values per event.
     info : dict
-        ``added_noise_sd`` (linear units, 0 when none) and ``replicates``.
+        ``added_noise_sd`` (linear units, 0 when none), ``stretch`` (λ) and
+        ``replicates``.
 
     Examples
     --------
@@ -207,18 +226,35 @@ def normalise_reference(reference, ratio, negatives, negative_events, top):
     (8, True)
     """
     reference_median, reference_flank = reference.negatives
-    median, flank = negatives
-    mapped = ratio * (reference.t_cells - reference_median) + median
+    median, flank = negatives[0], negatives[1]
+    deep = negatives[2] if len(negatives) > 2 else None
+    deviations = ratio * (reference.t_cells - reference_median)
     mapped_flank = ratio * reference_flank
     tolerance = FLANK_SPREAD_SE * np.sqrt(1.0 / max(negative_events, 1.0) + 1.0 / max(len(reference), 1))
-    added = 0.0
-    replicates = 1
-    if flank > mapped_flank * (1.0 + 2.0 * tolerance):
-        added = float(np.sqrt(flank ** 2 - mapped_flank ** 2))
-        replicates = NOISE_REPLICATES
-        z = ndtri((np.arange(replicates) + 0.5) / replicates)
-        mapped = (mapped[:, None] + added * z[None, :]).ravel()
-    return logicle(mapped, t=top), {"added_noise_sd": round(added, 3), "replicates": replicates}
+    info = {"added_noise_sd": 0.0, "stretch": 1.0, "replicates": 1}
+    if not flank > mapped_flank * (1.0 + 2.0 * tolerance):
+        return logicle(deviations + median, t=top), info
+    z = ndtri((np.arange(NOISE_REPLICATES) + 0.5) / NOISE_REPLICATES)
+
+    def made_up(stretch):
+        noise = float(np.sqrt(max(flank ** 2 - (stretch * mapped_flank) ** 2, 0.0)))
+        candidate = (stretch * deviations[:, None] + noise * z[None, :]).ravel()
+        mismatch = 0.0 if deep is None else abs(-float(np.quantile(candidate, DEEP_TAIL)) - deep)
+        return mismatch, float(stretch), noise, candidate
+
+    # Gaussian noise alone is what a gain change does (electronic noise is
+    # the same at any gain); a stretch only where the lower tail says so
+    # beyond its sampling error (a 2.3 % quantile's SD is ~2.76 σ/√n).
+    best = made_up(1.0)
+    deep_se = DEEP_TAIL_SE * np.sqrt(flank ** 2 / max(negative_events, 1.0) + mapped_flank ** 2 / max(len(reference), 1))
+    if best[0] > 2.0 * deep_se:
+        for stretch in np.linspace(1.0, flank / mapped_flank, 11)[1:]:
+            candidate = made_up(stretch)
+            if candidate[0] < best[0]:
+                best = candidate
+    _, stretch, noise, candidate = best
+    info.update(added_noise_sd=round(noise, 3), stretch=round(float(stretch), 4), replicates=NOISE_REPLICATES)
+    return logicle(candidate + median, t=top), info
 
 
 def _count(values, reference, ratio, negatives, negative_events, top):
@@ -304,6 +340,7 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
         fraction = min(positives / n, 0.99)
         center, spread = estimate.get("positive_center"), estimate.get("positive_sd")
     normalisation.update(gain_ratio=round(ratio, 4), source=source, added_noise_sd=estimate["added_noise_sd"],
+                         stretch=estimate["stretch"],
                          follow_up_negative_median=round(negatives[0], 3),
                          follow_up_negative_flank_sd=round(negatives[1], 3),
                          reference_negative_median=round(reference_median, 3),

@@ -217,6 +217,10 @@ def _smoothed_on(values, centers, sigma_bins, xp=np):
     return to_numpy(gaussian_smooth_1d(counts, sigma_bins))
 
 
+#: Share of a normal population below its mean − 1 SD.
+LOWER_FLANK_QUANTILE = 0.15865525393145707
+
+
 def lower_flank_spread(values, mode):
     """SD of the population at ``mode`` from its lower flank alone.
 
@@ -322,7 +326,22 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
             "tail_z": round(tail_z, 3)}
     if rejected:
         info["rejected_valleys"] = rejected
-    return mode + tail_z * spread, info
+    cut = mode + tail_z * spread
+    # The density's mode can sit on a narrow sub-population of negatives
+    # (NK cells whose CD8 spreads into CD19 beside ones it does not): its
+    # flank then describes that part only and the cut falls inside the
+    # others. The whole basin's median and narrower quantile flank (rare
+    # positives move neither much) give the cut a floor; for one symmetric
+    # negative population the two agree.
+    q16, median, q84 = (float(v) for v in np.quantile(_probe(basin), [LOWER_FLANK_QUANTILE, 0.5,
+                                                                       1.0 - LOWER_FLANK_QUANTILE]))
+    whole = median + tail_z * max(min(median - q16, q84 - median), float(centers[1] - centers[0]))
+    if whole > cut:
+        info.update(method="negative tail", negative_center=round(median, 6),
+                    negative_sd=round(min(median - q16, q84 - median), 6), centre="median of the negatives (their "
+                    "mode's flank describes only part of them)")
+        cut = whole
+    return cut, info
 
 
 # --------------------------------------------------------------------------- the context
