@@ -551,6 +551,20 @@ def _count(gated, row, options, result, screening):
             detected = "not detected, " if count.events < lod else ""
             flags.append(Flag(name, "below_lloq", "info", f"{count.events} events < LLOQ of {lloq:.0f} "
                                                           f"({detected}LOD {lod:.0f} events)"))
+    car_gate = next((g for g in gating.gates if g.name == "car_t"), None)
+    if ("car_t" in counts and car_gate is not None
+            and options.lloq_events <= counts["car_t"].events < limits["car_t"][1]):
+        # A count the configured LLOQ would have quantified: say why this
+        # tube's is higher (the negatives' tail, estimated from few reference
+        # events, e.g. a small pre-infusion tube against a large follow-up).
+        extra = car_gate.extra
+        flags.append(Flag("car_t", "lloq_raised", "info",
+                          f"LLOQ {limits['car_t'][1]:.0f} events ({_per_ul(count_for, limits['car_t'][1]):.3g} "
+                          f"cells/uL), raised from {options.lloq_events} by the "
+                          f"{extra['expected_negatives_above_cut']:g} negatives expected above the CAR cut, estimated "
+                          f"from {extra['reference_tail_events']:g} events of the reference's tail "
+                          f"({extra.get('reference_events', '?')} reference T cells, "
+                          f"{int(gating.events(gating.parents.get('car_t', 't_cells')))} here)"))
 
     flags.extend(review(gated, options.qc))
     unreliable = unreliable_populations(flags, gating.parents)

@@ -380,6 +380,7 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
     normalisation["count_sd_normalisation"] = round(float(np.sqrt(max(count_sd ** 2 - estimate["count_sd"] ** 2,
                                                                        0.0))), 3)
     estimate["count_sd"] = round(count_sd, 3)
+    estimate["reference_events"] = len(reference)
     estimate["normalisation"] = normalisation
     estimate["flags"] = flags
     return positives, estimate

@@ -180,3 +180,28 @@ def test_no_false_persistence_after_the_car_cells_are_gone(tmp_path, reference_g
             assert count["ci95"][0] == 0.0
         else:
             assert count["ci95"][0] <= car <= count["ci95"][1], (day, car, count)
+
+
+def test_a_count_the_default_lloq_would_quantify_says_why_this_tube_s_is_higher(sample_dir):
+    """S01 day 28 (committed): 2.5 uL of blood, a pre-infusion tube of ~500 T cells against ~1,000 here."""
+    from cytometry.analysis import AnalysisOptions, analyze_gated, car_reference_of, gate_file, with_car_reference
+
+    options = AnalysisOptions(beads_per_test=48950, sample_volume_ul=50)
+    options = with_car_reference(options, car_reference_of(gate_file(sample_dir / "S01_day000_CAR.fcs", options),
+                                                           "pre-infusion tube S01_day000_CAR.fcs"))
+    result = analyze_gated(gate_file(sample_dir / "S01_day028_CAR.fcs", options), None, options)
+    count = result["populations"]["car_t"]
+    lod, lloq = count["lod"]["events"], count["lloq"]["events"]
+    assert options.lloq_events < lloq and options.lod_events < lod < lloq
+    # the LLOQ is the count whose CV, background noise included, is 20 %
+    gate = next(g for g in result["gating"]["gates"] if g["name"] == "car_t")
+    background = gate["extra"]["expected_negatives_above_cut"]
+    variance = background + background ** 2 / gate["extra"]["reference_tail_events"]
+    assert (lloq + variance) / lloq ** 2 == pytest.approx(0.04, rel=0.01)
+    # ~50 true CAR+ events, of which the default 25-event LLOQ would quantify the count: this tube's does not
+    assert options.lloq_events <= count["events"] < lloq and count["below_lloq"]
+    raised = [f for f in result["flags"] if f["code"] == "lloq_raised"]
+    assert len(raised) == 1 and "reference T cells" in raised[0]["message"]
+    # cells/uL of the limits follow the tube's own events-to-cells/uL factor
+    per_event = count["cells_per_ul"] / count["events"]
+    assert count["lloq"]["cells_per_ul"] == pytest.approx(lloq * per_event, rel=1e-3)
