@@ -258,6 +258,7 @@ def normalise_reference(reference, ratio, negatives, negative_events, top):
 
 
 def _count(values, reference, ratio, negatives, negative_events, top):
+    """CAR+ events of ``values`` against ``reference`` normalised with gain ``ratio`` (and the details)."""
     from .auto import reference_subtraction_count
 
     normalised, info = normalise_reference(reference, ratio, negatives, negative_events, top)
