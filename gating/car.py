@@ -180,7 +180,7 @@ def _negatives_of(ascending, fraction, center, spread, top):
     return median, max(median - low, 1e-9), max(median - deep, 1e-9)
 
 
-def normalise_reference(reference, ratio, negatives, negative_events, top):
+def normalise_reference(reference, ratio, negatives, negative_events, top, stretch=None):
     """The reference mapped onto the follow-up tube, on its logicle scale.
 
     The reference's events become ``m + λ·a·(x − m_ref) + σ·z``: ``a`` the
@@ -207,14 +207,17 @@ def normalise_reference(reference, ratio, negatives, negative_events, top):
         How many negatives those were measured on.
     top : float
         The follow-up CAR channel's range (``$PnR``).
+    stretch : float, optional
+        Use this λ (where noise is made up) instead of choosing it.
 
     Returns
     -------
     values : ndarray
         Normalised reference (logicle scale), ``replicates`` values per event.
     info : dict
-        ``added_noise_sd`` (linear units, 0 when none), ``stretch`` (λ) and
-        ``replicates``.
+        ``added_noise_sd`` (linear units, 0 when none), ``stretch`` (λ used),
+        ``best_stretch`` (the λ matching the lower tail best, used only when
+        its match is significantly better than λ = 1) and ``replicates``.
 
     Examples
     --------
@@ -231,7 +234,7 @@ def normalise_reference(reference, ratio, negatives, negative_events, top):
     deviations = ratio * (reference.t_cells - reference_median)
     mapped_flank = ratio * reference_flank
     tolerance = FLANK_SPREAD_SE * np.sqrt(1.0 / max(negative_events, 1.0) + 1.0 / max(len(reference), 1))
-    info = {"added_noise_sd": 0.0, "stretch": 1.0, "replicates": 1}
+    info = {"added_noise_sd": 0.0, "stretch": 1.0, "best_stretch": 1.0, "replicates": 1}
     if not flank > mapped_flank * (1.0 + 2.0 * tolerance):
         return logicle(deviations + median, t=top), info
     z = ndtri((np.arange(NOISE_REPLICATES) + 0.5) / NOISE_REPLICATES)
@@ -244,24 +247,32 @@ def normalise_reference(reference, ratio, negatives, negative_events, top):
 
     # Gaussian noise alone is what a gain change does (electronic noise is
     # the same at any gain); a stretch only where the lower tail says so
-    # beyond its sampling error (a 2.3 % quantile's SD is ~2.76 σ/√n).
-    best = made_up(1.0)
-    deep_se = DEEP_TAIL_SE * np.sqrt(flank ** 2 / max(negative_events, 1.0) + mapped_flank ** 2 / max(len(reference), 1))
-    if best[0] > 2.0 * deep_se:
-        for stretch in np.linspace(1.0, flank / mapped_flank, 11)[1:]:
-            candidate = made_up(stretch)
+    # beyond its sampling error (a 2.3 % quantile's SD is ~2.76 σ/√n). The
+    # best-matching stretch is reported either way, so that its effect on
+    # the count can widen the interval (count_against_reference).
+    plain = made_up(1.0)
+    best = plain
+    if deep is not None:
+        for candidate_stretch in np.linspace(1.0, flank / mapped_flank, 11)[1:]:
+            candidate = made_up(candidate_stretch)
             if candidate[0] < best[0]:
                 best = candidate
-    _, stretch, noise, candidate = best
-    info.update(added_noise_sd=round(noise, 3), stretch=round(float(stretch), 4), replicates=NOISE_REPLICATES)
+    deep_se = DEEP_TAIL_SE * np.sqrt(flank ** 2 / max(negative_events, 1.0) + mapped_flank ** 2 / max(len(reference), 1))
+    info["best_stretch"] = round(best[1], 4)
+    if stretch is not None:
+        chosen = made_up(float(stretch))
+    else:
+        chosen = best if plain[0] > 2.0 * deep_se else plain
+    _, used, noise, candidate = chosen
+    info.update(added_noise_sd=round(noise, 3), stretch=round(float(used), 4), replicates=NOISE_REPLICATES)
     return logicle(candidate + median, t=top), info
 
 
-def _count(values, reference, ratio, negatives, negative_events, top):
+def _count(values, reference, ratio, negatives, negative_events, top, stretch=None):
     """CAR+ events of ``values`` against ``reference`` normalised with gain ``ratio`` (and the details)."""
     from .auto import reference_subtraction_count
 
-    normalised, info = normalise_reference(reference, ratio, negatives, negative_events, top)
+    normalised, info = normalise_reference(reference, ratio, negatives, negative_events, top, stretch=stretch)
     positives, estimate = reference_subtraction_count(values, normalised, align=False, iterations=2,
                                                       replicates=info["replicates"])
     estimate.update(info)
@@ -378,6 +389,14 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
                           f"beads give a gain ratio of {bead_ratio:.2f}x to the pre-infusion reference, the "
                           f"CAR-negative T cells {negative_ratio:.2f}x; CAR+ {positives:.0f} vs {other:.0f} "
                           f"events, interval widened to cover both"))
+    if estimate["best_stretch"] != estimate["stretch"]:
+        # The lower tail favours another stretch (not significantly, or
+        # significantly over none): the count with it is the other
+        # candidate, and half the difference one more SD.
+        other_stretch = estimate["best_stretch"] if estimate["stretch"] == 1.0 else 1.0
+        other, _ = _count(values, reference, ratio, negatives, negative_events, top, stretch=other_stretch)
+        normalisation["alternative_stretch"] = {"stretch": other_stretch, "positive_events": round(other, 2)}
+        count_sd = float(np.sqrt(count_sd ** 2 + ((other - positives) / 2.0) ** 2))
     normalisation["count_sd_normalisation"] = round(float(np.sqrt(max(count_sd ** 2 - estimate["count_sd"] ** 2,
                                                                        0.0))), 3)
     estimate["count_sd"] = round(count_sd, 3)
