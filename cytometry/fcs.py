@@ -93,6 +93,11 @@ class FcsSample:
     def n_events(self):
         return self.events.shape[0]
 
+    def __repr__(self):
+        spill = f", spillover from {self.spillover.source}" if self.spillover is not None else ""
+        return (f"FcsSample({Path(self.path).name!r}, FCS {self.fcs_version}, {self.n_events:,} events x "
+                f"{len(self.pnn)} channels{spill})")
+
     def channel_index(self, pnn_name):
         """Column of the channel whose ``$PnN`` is ``pnn_name``."""
         return self.pnn.index(pnn_name)

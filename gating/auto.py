@@ -146,6 +146,11 @@ class GatingResult:
     def events(self, population):
         return int(self.masks[population].sum())
 
+    def __repr__(self):
+        n = len(next(iter(self.masks.values()))) if self.masks else 0
+        return (f"GatingResult(panel {self.panel!r}, {n:,} events, populations {self.populations}, "
+                f"{len(self.flags)} flags, device {self.device!r})")
+
     @property
     def qc_flags(self):
         """The flags as one-line strings (``population: message``)."""
