@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# Figures are files here (report, --plots): no display is needed or wanted.
+os.environ.setdefault("MPLBACKEND", "Agg")
 
 from ._version import __version__
 

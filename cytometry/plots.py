@@ -81,9 +81,9 @@ def gating_figure(gated, title=None):
     >>> fig = gating_figure(gate_file("sample_fcs/S01_screening_TBNK.fcs"))  # doctest: +SKIP
     >>> fig.savefig("S01_gating.png")  # doctest: +SKIP
     """
+    # No backend chosen here: a notebook keeps its inline figures, and the
+    # command line sets Agg before anything imports pyplot (cytometry.cli).
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     masks = gated.gating.masks

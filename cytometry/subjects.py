@@ -511,9 +511,8 @@ def kinetics_figure(subject):
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # No backend chosen here: a notebook keeps its inline figures, and the
+    # command line sets Agg before anything imports pyplot (cytometry.cli).
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
