@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .analysis import AnalysisOptions, CarReferences, analyze_file
 from .fcs import file_sha256
-from .store import ResultStore, gatingml_bytes, params_hash
+from .store import REPORT_EVENTS, ResultStore, event_sample, gatingml_bytes, params_hash
 
 _REFERENCES = {}
 
@@ -82,8 +82,8 @@ def analyze_one(path, row, manifest, options, keep=False, keep_events=False, plo
             extras["gatingml"] = gatingml_bytes(gated)
         except Exception as exc:  # the counts stand; say what could not be kept
             result["qc_flags"].append(f"store: GatingML not written ({type(exc).__name__}: {exc})")
-        if keep_events:
-            extras["events"] = gated.data
+        # The report draws its figures from the store alone: a bounded subsample by default, all with keep_events.
+        extras["events"] = event_sample(gated, None if keep_events else REPORT_EVENTS)
 
     wanted = keep or plots_dir or gatingml_dir
     result = analyze_file(path, row, sample_options, on_gated=keep_artifacts if wanted else None,
@@ -111,8 +111,14 @@ def _file_key(path):
 
 
 def run_batch(files, manifest=None, options=None, *, store=None, workers=1, scheduler=None, progress=None,
-              keep_events=False, on_result=None, plots_dir=None, gatingml_dir=None, raise_errors=False):
+              keep_events=False, on_result=None, plots_dir=None, gatingml_dir=None, raise_errors=False,
+              replace=False, allow_unlisted=False):
     """Analyse ``files``; with a ``store``, skip what is done and write the rest as it finishes.
+
+    The manifest is checked first (:func:`cytometry.manifest.check_manifest`):
+    nothing is analysed when it has a problem. A store holds one parameter
+    set (:mod:`cytometry.store`): a run with other options into a store that
+    holds results is refused unless ``replace``.
 
     Parameters
     ----------
@@ -128,13 +134,26 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     progress : bool, optional
         Show a progress bar (default: when stderr is a terminal).
     keep_events : bool
-        Also store the compensated, transformed events.
+        Store every compensated, transformed event (by default the store
+        keeps a random subsample of :data:`cytometry.store.REPORT_EVENTS`
+        events, enough for the report's figures).
     on_result : callable, optional
         Called with each result as it arrives.
     plots_dir, gatingml_dir : str, optional
         Write a gating figure / GatingML file per sample there.
     raise_errors : bool
         Raise on the first failing sample (``--debug``; runs in this process).
+    replace : bool
+        Discard the store's results first (``--replace``).
+    allow_unlisted : bool
+        Analyse files the manifest does not list (``--allow-unlisted``).
+
+    Raises
+    ------
+    cytometry.manifest.ManifestError
+        Every problem of the manifest, in one message.
+    cytometry.store.ParameterSetMismatch
+        The store holds results of other parameters (one line).
 
     Returns
     -------
@@ -148,6 +167,8 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     ...                     store="run.store", workers=2)  # doctest: +SKIP
     """
     options = options or AnalysisOptions()
+    if manifest is not None:
+        check_manifest(manifest, files, options=options, allow_unlisted=allow_unlisted)
     if store is not None and not isinstance(store, ResultStore):
         store = ResultStore(store)
     references = CarReferences(manifest, options)
@@ -155,11 +176,14 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     results = [None] * len(files)
     pending = []
     keys = {}
+    parameter_set = parameter_set_hash(options)
     if store is not None:
-        done = {entry.stem: entry for entry in store.entries()}
         for index, (path, row) in enumerate(zip(files, rows)):
-            key = (_file_key(path), _entry_params(path, row, references, options))
-            keys[index] = key
+            keys[index] = (_file_key(path), _entry_params(path, row, references, options))
+        store.claim(options, [f"{sha}-{params}" for sha, params in keys.values()], replace_results=replace)
+        done = {entry.stem: entry for entry in store.entries()}
+        for index in range(len(files)):
+            key = keys[index]
             entry = done.get(f"{key[0]}-{key[1]}")
             if entry is not None:
                 result = store.results_for(entry)
@@ -170,6 +194,8 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     else:
         pending = list(range(len(files)))
     keep = store is not None
+    logger.info("%d files: %d to analyse, %d already in the store (parameter set %s)", len(files), len(pending),
+                len(files) - len(pending), parameter_set)
     bar = _progress(len(pending), progress)
 
     def finish(index, outcome):
@@ -177,7 +203,8 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         if store is not None:
             extras = extras or {}
             store.write(result, keys[index][1], masks=extras.get("masks"), gatingml=extras.get("gatingml"),
-                        keywords=extras.get("keywords"), events=extras.get("events"))
+                        keywords=extras.get("keywords"), events=extras.get("events"),
+                        parameter_set=parameter_set)
         results[index] = result
         if on_result is not None:
             on_result(result)

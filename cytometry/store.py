@@ -5,6 +5,7 @@ does not open. The store therefore never writes in place. A store is a
 folder::
 
     STORE/
+      parameters.json                  the store's one parameter set (hash and options)
       samples/<sha256>-<params>.h5     one finished sample each
       samples/.tmp-*                   in flight (ignored, cleaned on open)
 
@@ -23,11 +24,35 @@ Each sample file holds:
 * ``masks/<population>``: bit-packed event masks (``numpy.packbits``,
   gzip), so every count can be reproduced from the file;
 * ``gatingml``: the automatic gates as GatingML 2.0 text;
-* optionally ``events``: the compensated, transformed events (float32).
+* ``events``: the compensated, transformed events (float32) the report
+  draws its figures from — a random subsample of at most
+  :data:`REPORT_EVENTS` events by default (``event_index`` holds their rows
+  in the file, so the full-file ``masks`` select them), every event with
+  ``--store-events``; the dataset's ``columns`` attribute names each column
+  (marker or scatter name, else ``$PnN``) and ``tops`` gives each one's
+  ``$PnR`` (the logicle T, for axes in decades). An entry written before
+  this has no names and no event rows: the report says so and draws nothing
+  for it.
 
 A sample is identified by the SHA-256 of its FCS file and a hash of every
 parameter that can change its result; re-running the same command skips
-what is done, and a changed parameter analyses again.
+what is done.
+
+One parameter set per store
+    A store holds the results of **one** parameter set, so that its
+    subject tables never count a visit twice. The set is
+    :func:`parameter_set_hash` of the run's options, recorded in
+    ``parameters.json`` when the store is first written and in each entry's
+    ``parameter_set`` attribute. A run with other options is refused
+    (:class:`ParameterSetMismatch`) unless it replaces the store's results
+    (:meth:`ResultStore.clear`, ``--replace``). Within the set a file has
+    one entry: writing a file's entry removes its earlier one (e.g. after
+    its CAR reference tube changed). Readers take exactly one set
+    (:meth:`ResultStore.one_parameter_set`). A store written before sets were
+    recorded (no ``parameters.json``) is read when every file in it has
+    one entry, as the set ``unrecorded``; when a file has several (several
+    parameter sets mixed) it is refused with a message saying to re-run
+    with ``--replace``.
 """
 from __future__ import annotations
 
@@ -35,11 +60,31 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+
+#: Events kept per sample for the report's figures when not every event is stored. 20,000 events of
+#: 10-11 channels cost about 0.6 MB per sample (float32, gzip); the counts come from the full-file masks
+#: whatever the subsample, which only thins the dots drawn.
+REPORT_EVENTS = 20_000
+
+logger = logging.getLogger(__name__)
+
+#: The name a store written before parameter sets were recorded reads as.
+UNRECORDED_SET = "unrecorded"
+
+
+class StoreError(ValueError):
+    """A store that cannot be read as one parameter set (one line)."""
+
+
+class ParameterSetMismatch(StoreError):
+    """A run's parameters differ from the store's (one line saying how to proceed)."""
+
 
 AUDIT_KEYWORDS = ("cyt", "cytnum", "date", "btim", "etim", "tube name", "src", "fil", "op", "inst")
 
@@ -86,6 +131,50 @@ def params_hash(options):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def parameter_set_hash(options):
+    """The store-level parameter set of a run: :func:`params_hash` of its options without a CAR reference.
+
+    Each stored entry is keyed by :func:`params_hash` of the options that
+    analysed it, which for a CAR tube include its subject's pre-infusion
+    reference (filled in per sample by :class:`cytometry.analysis.CarReferences`
+    from the manifest, and keyed by the reference file's SHA-256), so CAR
+    tubes of one run have different entry hashes. The set a store holds is
+    the same hash computed with ``gating.car_reference`` and
+    ``gating.car_reference_source`` cleared: the options a run was given,
+    identical for every tube of the run whatever its reference. Everything
+    else (counting constants, limits, gating parameters, panel files and
+    their contents, software version) is in it; the device is not.
+
+    Parameters
+    ----------
+    options : cytometry.analysis.AnalysisOptions
+
+    Returns
+    -------
+    str
+        16 hex digits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cytometry.analysis import AnalysisOptions, with_car_reference
+    >>> base = AnalysisOptions()
+    >>> car = with_car_reference(base, np.linspace(0, 1, 300), "pre-infusion tube S01_day000_CAR.fcs")
+    >>> params_hash(car) == params_hash(base), parameter_set_hash(car) == parameter_set_hash(base)
+    (False, True)
+    >>> parameter_set_hash(base) == parameter_set_hash(AnalysisOptions(lloq_events=10))
+    False
+    """
+    gating = replace(options.gating, car_reference=None, car_reference_source=None)
+    return params_hash(replace(options, gating=gating))
+
+
+def describe_options(options):
+    """The options as JSON-ready values (for ``parameters.json``; the CAR reference left out)."""
+    gating = replace(options.gating, car_reference=None, car_reference_source=None)
+    return json.loads(json.dumps(asdict(replace(options, gating=gating)), default=str))
+
+
 class ResultStore:
     """A folder of per-sample HDF5 files (see the module docstring).
 
@@ -114,6 +203,157 @@ class ResultStore:
             except OSError:
                 pass
 
+    @property
+    def record_path(self):
+        return self.path / "parameters.json"
+
+    def recorded_parameter_set(self):
+        """The parameter set recorded in ``parameters.json`` (a dict), or ``None``."""
+        try:
+            record = json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.record_path}: unreadable ({exc})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("parameter_set"), str):
+            raise StoreError(f"{self.record_path}: no parameter_set in it")
+        return record
+
+    def record_parameter_set(self, set_hash, options=None):
+        """Write ``parameters.json`` atomically (the store's one parameter set)."""
+        from . import __version__
+
+        record = {"parameter_set": set_hash, "software_version": __version__,
+                  "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                  "options": describe_options(options) if options is not None else None}
+        temporary = self.path / f".tmp-parameters-{os.getpid()}"
+        temporary.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(temporary, self.record_path)
+        return record
+
+    def claim(self, options, entry_keys=(), replace_results=False):
+        """Make the store hold the parameter set of ``options``, or refuse.
+
+        Parameters
+        ----------
+        options : cytometry.analysis.AnalysisOptions
+            The run's options (before per-sample CAR references).
+        entry_keys : iterable of str
+            The entry names (``<sha256>-<params>``) this run would write;
+            a store written before sets were recorded is adopted when each of
+            its entries is one of them (same parameters by construction).
+        replace_results : bool
+            Discard the store's results first (``--replace``).
+
+        Returns
+        -------
+        str
+            The parameter set's hash.
+
+        Raises
+        ------
+        ParameterSetMismatch
+            One line: the store holds another set; use ``--replace`` or
+            another store.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from cytometry.analysis import AnalysisOptions
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> store.claim(AnalysisOptions()) == parameter_set_hash(AnalysisOptions())
+        True
+        >>> store.claim(AnalysisOptions(lloq_events=10))
+        Traceback (most recent call last):
+        ...
+        cytometry.store.ParameterSetMismatch: ...
+        """
+        wanted = parameter_set_hash(options)
+        if replace_results:
+            self.clear()
+        record = self.recorded_parameter_set()
+        how = (f"use --replace to discard its {len(self.entries())} results and analyse again, or another "
+               f"--out folder")
+        if record is not None:
+            if record["parameter_set"] != wanted:
+                raise ParameterSetMismatch(
+                    f"{self.path}: this store holds results of parameter set {record['parameter_set']}, and "
+                    f"this run's parameters are set {wanted}; {how}")
+            return wanted
+        entries = self.entries()
+        keys = set(entry_keys)
+        foreign = [e for e in entries if e.stem not in keys]
+        if foreign:
+            raise ParameterSetMismatch(
+                f"{self.path}: this store was written without a recorded parameter set and {len(foreign)} of "
+                f"its results are not this run's parameters; {how}")
+        self.record_parameter_set(wanted, options)
+        logger.info("%s: parameter set %s", self.path, wanted)
+        return wanted
+
+    def clear(self):
+        """Discard every result and the recorded parameter set (``--replace``)."""
+        for entry in self.entries():
+            entry.unlink()
+        try:
+            self.record_path.unlink()
+        except FileNotFoundError:
+            pass
+        logger.info("%s: results discarded", self.path)
+
+    def one_parameter_set(self):
+        """The store's parameter set and its results: one result per file, never two sets.
+
+        Returns
+        -------
+        (str, list of dict)
+            The set's hash (``"unrecorded"`` for a store written before
+            sets were recorded) and the results, one per FCS file (the
+            newest entry when a file has several within the set).
+
+        Raises
+        ------
+        StoreError
+            One line, when the entries belong to several parameter sets.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> ResultStore(tempfile.mkdtemp()).one_parameter_set()
+        (None, [])
+        """
+        import h5py
+
+        record = self.recorded_parameter_set()
+        recorded = record["parameter_set"] if record else None
+        sets, by_file = {}, {}
+        for entry in self.entries():
+            try:
+                with h5py.File(entry, "r") as h5:
+                    value = h5.attrs.get("parameter_set")
+            except Exception:
+                value = None  # unreadable: reported as an error result below
+            name = value.decode() if isinstance(value, bytes) else value
+            sets.setdefault(name or recorded or UNRECORDED_SET, []).append(entry)
+            sha = entry.stem.rsplit("-", 1)[0]
+            by_file.setdefault(sha, []).append(entry)
+        if not sets:
+            return recorded, []
+        names = sorted(sets)
+        if len(names) > 1 or (recorded is not None and names != [recorded]):
+            listing = ", ".join(f"{name} ({len(sets[name])} results)" for name in names)
+            raise StoreError(f"{self.path}: results of several parameter sets ({listing}); re-run "
+                             "`cytometry analyze ... --out STORE --replace` with the parameters wanted, or read "
+                             "another store")
+        name = names[0]
+        if name == UNRECORDED_SET and any(len(entries) > 1 for entries in by_file.values()):
+            doubled = sum(len(entries) > 1 for entries in by_file.values())
+            raise StoreError(f"{self.path}: written without a recorded parameter set, and {doubled} files have "
+                             "results of several parameter sets; re-run `cytometry analyze ... --out STORE "
+                             "--replace` with the parameters wanted")
+        newest = {entries[-1] for entries in by_file.values()}  # entries() is oldest first
+        return name, [self._read(entry) for entry in self.entries() if entry in newest]
+
     def entry_path(self, sha256, params):
         return self.samples / f"{sha256}-{params}.h5"
 
@@ -121,7 +361,7 @@ class ResultStore:
         """Whether this file was analysed with these parameters (a finished entry exists)."""
         return self.entry_path(sha256, params).exists()
 
-    def write(self, result, params, *, masks=None, gatingml=None, keywords=None, events=None):
+    def write(self, result, params, *, masks=None, gatingml=None, keywords=None, events=None, parameter_set=None):
         """Write one sample atomically; returns the entry's path.
 
         Parameters
@@ -134,7 +374,10 @@ class ResultStore:
         gatingml : bytes, optional
         keywords : dict, optional
             FCS keywords (lower case); the audit ones are kept.
-        events : ndarray, optional
+        events : ndarray or dict, optional
+            The events as an array (columns unnamed), or the dict of
+            :func:`event_sample` (events, column names, channel tops and the
+            rows kept), which the report can draw from.
         """
         import h5py
 
@@ -146,6 +389,8 @@ class ResultStore:
             h5.attrs["result"] = json.dumps(result, default=_json_default)
             h5.attrs["sha256"] = sha
             h5.attrs["params_hash"] = params
+            if parameter_set is not None:
+                h5.attrs["parameter_set"] = parameter_set
             h5.attrs["software_version"] = str(result.get("software_version"))
             h5.attrs["file_name"] = source.name
             h5.attrs["file_size"] = source.stat().st_size if source.exists() else -1
@@ -160,12 +405,26 @@ class ResultStore:
                     data.attrs["n_events"] = mask.size
             if gatingml is not None:
                 h5.create_dataset("gatingml", data=np.frombuffer(gatingml, dtype=np.uint8), compression="gzip")
-            if events is not None:
+            if isinstance(events, dict):
+                data = h5.create_dataset("events", data=np.asarray(events["events"], dtype=np.float32),
+                                         compression="gzip")
+                data.attrs["columns"] = json.dumps(list(events["columns"]))
+                data.attrs["tops"] = json.dumps([float(t) for t in events["tops"]])
+                data.attrs["n_events"] = int(events["n_events"])
+                if events.get("index") is not None:
+                    h5.create_dataset("event_index", data=np.asarray(events["index"], dtype=np.int64),
+                                      compression="gzip")
+            elif events is not None:
                 h5.create_dataset("events", data=np.asarray(events, dtype=np.float32), compression="gzip")
             h5.flush()
         with open(temporary, "rb+") as fh:  # the bytes are on disk before the name appears
             os.fsync(fh.fileno())
         os.replace(temporary, target)
+        if parameter_set is not None:  # one entry per file within the set
+            for earlier in self.samples.glob(f"{sha}-*.h5"):
+                if earlier != target:
+                    logger.info("%s: replaces %s", target.name, earlier.name)
+                    earlier.unlink(missing_ok=True)
         return target
 
     def entries(self):
@@ -178,21 +437,20 @@ class ResultStore:
         An entry that does not open (which the atomic write should make
         impossible) is reported as an error result, never dropped silently.
         """
+        return [self._read(entry) for entry in self.entries()
+                if params is None or entry.stem.endswith(f"-{params}")]
+
+    def _read(self, entry):
         import h5py
 
-        out = []
-        for entry in self.entries():
-            if params is not None and not entry.stem.endswith(f"-{params}"):
-                continue
-            try:
-                with h5py.File(entry, "r") as h5:
-                    result = json.loads(h5.attrs["result"])
-                    result["store_entry"] = entry.name
-                    out.append(result)
-            except Exception as exc:
-                out.append({"file": entry.name, "status": "error", "error": f"store entry unreadable: {exc}",
-                            "populations": {}, "eligibility": None, "qc_flags": []})
-        return out
+        try:
+            with h5py.File(entry, "r") as h5:
+                result = json.loads(h5.attrs["result"])
+        except Exception as exc:
+            return {"file": entry.name, "status": "error", "error": f"store entry unreadable: {exc}",
+                    "populations": {}, "eligibility": None, "qc_flags": [], "store_entry": entry.name}
+        result["store_entry"] = entry.name
+        return result
 
     def results_for(self, entry):
         """The JSON result of one entry (a path or a name)."""
@@ -240,6 +498,108 @@ class ResultStore:
                              "ci95_high": ci95[1], "below_lloq": count.get("below_lloq"),
                              "method": count.get("method"), "reliable": count.get("reliable", True)})
         return pd.DataFrame(rows)
+
+
+    def events(self, entry_name):
+        """The stored events of one entry and what the report needs to draw them, or ``None``.
+
+        Returns
+        -------
+        dict or None
+            ``events`` (float32, rows × columns), ``columns`` (name → column:
+            marker or scatter name, else ``$PnN``), ``tops`` (name → ``$PnR``,
+            the logicle T), ``index`` (rows of the file the events are; all
+            rows when every event was kept) and ``n_events`` (events in the
+            file). ``None`` when the entry holds no events, or events without
+            column names (written before names were stored).
+
+        Examples
+        --------
+        >>> store = ResultStore("run.store")  # doctest: +SKIP
+        >>> stored = store.events(store.entries()[0].name)  # doctest: +SKIP
+        >>> stored["events"].shape[0] <= REPORT_EVENTS, sorted(stored["columns"])[:2]  # doctest: +SKIP
+        (True, ['CD19', 'CD3'])
+        """
+        import h5py
+
+        with h5py.File(self.samples / Path(entry_name).name, "r") as h5:
+            if "events" not in h5 or "columns" not in h5["events"].attrs:
+                return None
+            data = h5["events"]
+            names = json.loads(data.attrs["columns"])
+            tops = json.loads(data.attrs["tops"])
+            events = data[()]
+            n_events = int(data.attrs["n_events"])
+            index = h5["event_index"][()] if "event_index" in h5 else np.arange(events.shape[0])
+        return {"events": events, "columns": {name: i for i, name in enumerate(names)},
+                "tops": dict(zip(names, tops)), "index": index, "n_events": n_events}
+
+    def provenance(self, entry_name):
+        """What the store recorded about one entry's file and run, for an audit trail.
+
+        Returns
+        -------
+        dict
+            ``sha256``, ``params_hash``, ``software_version``, ``file_name``,
+            ``file_size``, ``written_at`` and ``fcs_keywords`` (the audit
+            keywords of :data:`AUDIT_KEYWORDS` the file had: instrument
+            ``cyt``, acquisition ``date``, ``btim``/``etim``…).
+
+        Examples
+        --------
+        >>> store = ResultStore("run.store")  # doctest: +SKIP
+        >>> store.provenance(store.entries()[0].name)["fcs_keywords"]["cyt"]  # doctest: +SKIP
+        'FACSCanto II'
+        """
+        import h5py
+
+        with h5py.File(self.samples / Path(entry_name).name, "r") as h5:
+            out = {key: h5.attrs[key] for key in ("sha256", "params_hash", "software_version", "file_name",
+                                                  "file_size", "written_at") if key in h5.attrs}
+            out["fcs_keywords"] = json.loads(h5.attrs.get("fcs_keywords", "{}"))
+        return {key: value.item() if isinstance(value, np.generic) else value for key, value in out.items()}
+
+
+def event_sample(gated, limit=REPORT_EVENTS, seed=0):
+    """The events of a gated sample the store keeps for the report, with their column names.
+
+    Parameters
+    ----------
+    gated : cytometry.analysis.GatedSample
+    limit : int or None
+        Keep at most this many events, chosen at random (``None``: all).
+        The rows kept are sorted, so the file's order (and its time axis)
+        is kept.
+    seed : int
+        The subsample is a function of the file alone, so re-running gives
+        the same figure.
+
+    Returns
+    -------
+    dict
+        ``events``, ``columns`` (one name per column), ``tops`` (``$PnR`` per
+        column), ``index`` (rows kept, ``None`` when all) and ``n_events``:
+        what :meth:`ResultStore.write` takes as ``events``.
+
+    Examples
+    --------
+    >>> from cytometry.analysis import gate_file
+    >>> kept = event_sample(gate_file("sample_fcs/S01_screening_TBNK.fcs"), limit=1000)  # doctest: +SKIP
+    >>> kept["events"].shape[0], kept["n_events"]  # doctest: +SKIP
+    (1000, 24123)
+    """
+    from .analysis import _channel_top
+
+    data = gated.data
+    names = list(gated.sample.pnn)
+    for name, column in gated.channels.items():
+        names[column] = name  # the marker or scatter name the gates use
+    tops = [_channel_top(gated.sample, i) for i in range(data.shape[1])]
+    index = None
+    if limit is not None and data.shape[0] > limit:
+        index = np.sort(np.random.default_rng(seed).choice(data.shape[0], size=limit, replace=False))
+        data = data[index]
+    return {"events": data, "columns": names, "tops": tops, "index": index, "n_events": gated.data.shape[0]}
 
 
 def _json_default(value):
