@@ -10,13 +10,17 @@ number of workers.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 from .analysis import AnalysisOptions, CarReferences, analyze_file
 from .fcs import file_sha256
-from .store import REPORT_EVENTS, ResultStore, event_sample, gatingml_bytes, params_hash
+from .manifest import check_manifest
+from .store import REPORT_EVENTS, ResultStore, event_sample, gatingml_bytes, parameter_set_hash, params_hash
+
+logger = logging.getLogger(__name__)
 
 _REFERENCES = {}
 
