@@ -160,7 +160,7 @@ def write_report(store_path, out_dir, thumbnails=True):
     """
     from .store import ResultStore
 
-    results = ResultStore(store_path).results()
+    results = ResultStore(store_path).one_parameter_set()[1]  # exactly one parameter set (StoreError if mixed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "report.html"
