@@ -185,7 +185,8 @@ def _store_results(path):
 def cmd_report(args):
     from .report import write_report
 
-    _store_results(args.store)  # a clear error for a path that is not a store
+    if not _store_results(args.store):  # a clear error for a path that is not a store
+        raise UsageError(f"{args.store}: the results store holds no samples; nothing to report")
     target = write_report(args.store, args.out, thumbnails=not args.no_thumbnails)
     print(f"report written to {target}")
     return EXIT_OK
