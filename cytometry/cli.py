@@ -1,13 +1,18 @@
 """The ``cytometry`` command.
 
 Exit codes: 0 every sample ok, 1 some sample failed (the others are still
-reported), 2 usage error. Errors are one line on stderr naming the file; a
-traceback only with ``--debug``.
+reported), 2 usage error (including a manifest with problems, all listed in
+one message before anything is analysed, and a run whose parameters differ
+from its store's). Errors are one line on stderr naming the file; a
+traceback only with ``--debug``. Log messages (module loggers under
+``cytometry``) go to stderr: warnings by default, ``--verbose`` adds what
+each step does, ``--quiet`` leaves errors only; stdout is the same either way.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,6 +23,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from ._version import __version__
 
 EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_USAGE = 0, 1, 2
+logger = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
@@ -98,8 +104,9 @@ def _cell(count):
 
 def _analyse_run(args):
     """Analyse the files of a run (shared by analyze, eligibility and persistence)."""
-    from .analysis import AnalysisOptions, analyze_file
-    from .manifest import ManifestError, read_manifest
+    from .analysis import AnalysisOptions
+    from .manifest import ManifestError, check_manifest, read_manifest
+    from .store import StoreError
 
     manifest = None
     if args.manifest:
@@ -126,17 +133,31 @@ def _analyse_run(args):
     files = _collect_files(args.inputs, manifest)
     if not files:
         raise UsageError("no FCS files to analyse")
+    allow_unlisted = getattr(args, "allow_unlisted", False)
+    if manifest is not None:
+        folders = [Path(item) for item in args.inputs if Path(item).is_dir()]
+        try:
+            check_manifest(manifest, files, folders, options, allow_unlisted=allow_unlisted)
+        except ManifestError as exc:
+            raise UsageError(str(exc)) from None
     from .batch import default_workers, run_batch
 
     def report_error(result):
         if result["status"] == "error":
             print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
 
-    results = run_batch(files, manifest, options, store=getattr(args, "out", None),
-                        workers=getattr(args, "workers", None) or default_workers(),
-                        scheduler=getattr(args, "scheduler", None), keep_events=getattr(args, "store_events", False),
-                        plots_dir=getattr(args, "gating_plots", None), gatingml_dir=getattr(args, "gatingml", None),
-                        raise_errors=args.debug, on_result=report_error)
+    logger.info("%d FCS files to analyse%s", len(files), f" with {args.manifest}" if manifest else "")
+    try:
+        results = run_batch(files, manifest, options, store=getattr(args, "out", None),
+                            workers=getattr(args, "workers", None) or default_workers(),
+                            scheduler=getattr(args, "scheduler", None),
+                            keep_events=getattr(args, "store_events", False),
+                            plots_dir=getattr(args, "gating_plots", None),
+                            gatingml_dir=getattr(args, "gatingml", None),
+                            raise_errors=args.debug, on_result=report_error,
+                            replace=getattr(args, "replace", False), allow_unlisted=allow_unlisted)
+    except (ManifestError, StoreError) as exc:
+        raise UsageError(str(exc)) from None
     for result in results:  # samples already in the store are reported too
         if result.get("skipped"):
             report_error(result)
@@ -147,8 +168,40 @@ def _exit_code(results):
     return EXIT_SAMPLE_FAILED if any(r["status"] == "error" for r in results) else EXIT_OK
 
 
+SAMPLE_COLUMNS = [
+    ("file", lambda r: Path(r["file"]).name), ("subject_id", "subject_id"), ("study_day", "study_day"),
+    ("tube", "tube"), ("panel", "panel"), ("status", "status"),
+    ("b_cells_per_ul", lambda r: _pop(r, "b_cells", "cells_per_ul")),
+    ("b_cells_ci95_low_per_ul", lambda r: _pop(r, "b_cells", "ci95", 0)),
+    ("b_cells_ci95_high_per_ul", lambda r: _pop(r, "b_cells", "ci95", 1)),
+    ("b_cell_events", lambda r: _pop(r, "b_cells", "events")),
+    ("b_cells_below_lloq", lambda r: _pop(r, "b_cells", "below_lloq")),
+    ("car_t_per_ul", lambda r: _pop(r, "car_t", "cells_per_ul")),
+    ("car_t_ci95_low_per_ul", lambda r: _pop(r, "car_t", "ci95", 0)),
+    ("car_t_ci95_high_per_ul", lambda r: _pop(r, "car_t", "ci95", 1)),
+    ("car_t_events", lambda r: _pop(r, "car_t", "events")),
+    ("car_t_below_lloq", lambda r: _pop(r, "car_t", "below_lloq")),
+    ("bead_events", lambda r: (r.get("beads") or {}).get("events")),
+    ("eligibility", lambda r: (r.get("eligibility") or {}).get("verdict")),
+    ("flags", lambda r: " | ".join(r.get("qc_flags") or [])),
+    ("error", "error"),
+]
+
+
+def _pop(result, population, field, index=None):
+    value = ((result.get("populations") or {}).get(population) or {}).get(field)
+    if index is not None:
+        return value[index] if value else None
+    return value
+
+
 def cmd_analyze(args):
     results = _analyse_run(args)
+    if args.csv:
+        from .subjects import write_csv
+
+        write_csv(args.csv, SAMPLE_COLUMNS, results)
+        logger.info("wrote %d rows to %s", len(results), args.csv)
     if args.json:
         json.dump({"samples": results, "software_version": __version__}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -168,28 +221,45 @@ def _subject_results(args):
     if getattr(args, "store", None):
         if args.inputs:
             raise UsageError("give FCS files or --store, not both")
-        return _store_results(args.store)
+        return _store_results(args.store, args)
     if not args.inputs:
         raise UsageError("give FCS files (with --manifest) or --store STORE")
     return _analyse_run(args)
 
 
-def _store_results(path):
-    from .store import ResultStore
+def _store_results(path, args=None):
+    """The results of the store's one parameter set; a line on stderr names it (not with ``--quiet``)."""
+    from .store import ResultStore, StoreError
 
     if not (Path(path) / "samples").is_dir():
         raise UsageError(f"{path}: not a results store (no samples/ folder)")
-    return ResultStore(path).results()
+    try:
+        name, results = ResultStore(path).one_parameter_set()
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    if args is not None:
+        args.parameter_set = name
+    if not getattr(args, "quiet", False):
+        print(f"{path}: parameter set {name}, {len(results)} samples", file=sys.stderr)
+    return results
 
 
 def cmd_report(args):
     from .report import write_report
 
-    if not _store_results(args.store):  # a clear error for a path that is not a store
+    if not _store_results(args.store, args):  # a clear error for a path that is not a store
         raise UsageError(f"{args.store}: the results store holds no samples; nothing to report")
     target = write_report(args.store, args.out, thumbnails=not args.no_thumbnails)
     print(f"report written to {target}")
     return EXIT_OK
+
+
+def _document(args, document):
+    """A JSON document with the software version and, read from a store, its parameter set."""
+    document["software_version"] = __version__
+    if getattr(args, "parameter_set", None):
+        document["parameter_set"] = args.parameter_set
+    return document
 
 
 def cmd_eligibility(args):
@@ -200,7 +270,7 @@ def cmd_eligibility(args):
     if args.csv:
         write_csv(args.csv, ELIGIBILITY_COLUMNS, rows)
     if args.json:
-        json.dump({"subjects": rows, "software_version": __version__}, sys.stdout, indent=2)
+        json.dump(_document(args, {"subjects": rows}), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(f"{'subject':10s} {'verdict':14s} {'B cells/uL [95% CI]':26s} {'events':>6s}  deciding tube")
@@ -227,7 +297,7 @@ def cmd_persistence(args):
     if args.csv:
         write_csv(args.csv, PERSISTENCE_COLUMNS, persistence_csv_rows(subjects))
     if args.json:
-        json.dump({"subjects": subjects, "software_version": __version__}, sys.stdout, indent=2)
+        json.dump(_document(args, {"subjects": subjects}), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return _exit_code(results)
     for subject in subjects:
@@ -319,7 +389,23 @@ def cmd_inspect(args):
     return EXIT_OK
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (when it has one) and the epilog's examples kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], ()) or default is argparse.SUPPRESS \
+                or not action.option_strings or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -358,15 +444,66 @@ def _add_run_options(command, from_store=False):
                          help="local worker processes (default: the number of cores)")
     command.add_argument("--scheduler", metavar="ADDRESS",
                          help="run the per-sample work on a Dask distributed cluster (address or scheduler file)")
+    command.add_argument("--allow-unlisted", action="store_true",
+                         help="analyse FCS files the manifest does not list (refused by default: a misspelt "
+                              "name would analyse a file without its subject, day and bead constants)")
     command.add_argument("--debug", action="store_true", help="show tracebacks (runs in this process)")
+    _add_logging_options(command)
+
+
+def _add_logging_options(command):
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log what each step does on stderr (-vv: debug detail); default: warnings only")
+    group.add_argument("-q", "--quiet", action="store_true", help="log errors only on stderr")
+
+
+def _configure_logging(args):
+    """One stderr handler on the package loggers, at the level ``--verbose``/``--quiet`` ask for."""
+    verbose = getattr(args, "verbose", 0) or 0
+    level = logging.ERROR if getattr(args, "quiet", False) else \
+        logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of this call (tests capture it)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler._cytometry_cli = True
+    for name in ("cytometry", "gating"):
+        package = logging.getLogger(name)
+        for old in [h for h in package.handlers if getattr(h, "_cytometry_cli", False)]:
+            package.removeHandler(old)
+        package.addHandler(handler)
+        package.setLevel(level)
+        package.propagate = False
+
+
+_EXAMPLES = {
+    "analyze": """examples:
+  cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv
+  cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv --out run.store --csv samples.csv
+  cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv --out run.store --lloq-events 10 --replace
+  cytometry analyze sample_fcs/S01_screening_TBNK.fcs --beads-per-test 50120 --sample-volume-ul 50 --json""",
+    "eligibility": """examples:
+  cytometry eligibility sample_fcs/ --manifest sample_fcs/manifest.csv
+  cytometry eligibility --store run.store --csv eligibility.csv""",
+    "persistence": """examples:
+  cytometry persistence sample_fcs/ --manifest sample_fcs/manifest.csv
+  cytometry persistence --store run.store --plots kinetics/ --csv kinetics.csv""",
+    "report": """example:
+  cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv --out run.store
+  cytometry report run.store --out qc/""",
+    "inspect": """example:
+  cytometry inspect sample_fcs/S01_day010_CAR.fcs --json""",
+}
 
 
 def build_parser():
-    parser = _Parser(prog="cytometry", description="CD19+ B-cell and CAR+ T-cell absolute counts from FCS files.")
+    parser = _Parser(prog="cytometry", description="CD19+ B-cell and CAR+ T-cell absolute counts from FCS files.",
+                     epilog="example:\n  cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv\n\n"
+                            "`cytometry COMMAND --help` shows each command's options and examples.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    analyze = sub.add_parser("analyze", help="gate and count FCS files (cells/uL with 95%% intervals)")
+    analyze = sub.add_parser("analyze", help="gate and count FCS files (cells/uL with 95%% intervals)",
+                             description="gate and count FCS files (cells/uL with 95%% intervals)", epilog=_EXAMPLES["analyze"])
     _add_run_options(analyze)
     analyze.add_argument("--plots", dest="gating_plots", metavar="DIR",
                          help="write a gating figure per sample (DIR/<file>.gating.png)")
@@ -375,14 +512,23 @@ def build_parser():
     analyze.add_argument("--out", metavar="STORE", help="results store folder: one HDF5 file per sample, written "
                                                          "atomically; a re-run skips what is done")
     analyze.add_argument("--store-events", action="store_true", help="also keep the transformed events in the store")
+    analyze.add_argument("--replace", action="store_true",
+                         help="discard the results already in --out STORE and analyse again (needed when this "
+                              "run's parameters differ from the store's: a store holds one parameter set)")
+    analyze.add_argument("--csv", metavar="FILE", help="also write one row per sample as CSV (file, subject, day, "
+                                                       "tube, panel, B cells/uL and CAR+ T/uL with 95%% CI, beads, "
+                                                       "verdict, flags)")
     analyze.set_defaults(func=cmd_analyze)
 
-    eligibility = sub.add_parser("eligibility", help="screening verdict per subject (CD19+ B cells > 5 cells/uL)")
+    eligibility = sub.add_parser("eligibility", help="screening verdict per subject (CD19+ B cells > 5 cells/uL)",
+                             description="screening verdict per subject (CD19+ B cells > 5 cells/uL)", epilog=_EXAMPLES["eligibility"])
     _add_run_options(eligibility, from_store=True)
     eligibility.add_argument("--csv", metavar="FILE", help="also write the table as CSV (units in column names)")
     eligibility.set_defaults(func=cmd_eligibility)
 
-    kinetics = sub.add_parser("persistence", help="CAR+ T kinetics and B-cell aplasia per subject")
+    kinetics = sub.add_parser("persistence", help="CAR+ T kinetics and B-cell aplasia per subject",
+                              description="CAR+ T kinetics and B-cell aplasia per subject",
+                              epilog=_EXAMPLES["persistence"])
     _add_run_options(kinetics, from_store=True)
     kinetics.add_argument("--aplasia-threshold", type=float, default=1.0,
                           help="B-cell aplasia: CD19+ B cells below this many cells/uL (default 1)")
@@ -390,17 +536,21 @@ def build_parser():
     kinetics.add_argument("--csv", metavar="FILE", help="also write the timelines as CSV (units in column names)")
     kinetics.set_defaults(func=cmd_persistence)
 
-    report = sub.add_parser("report", help="write a self-contained HTML QC report of a results store")
+    report = sub.add_parser("report", help="write a self-contained HTML QC report of a results store",
+                             description="write a self-contained HTML QC report of a results store", epilog=_EXAMPLES["report"])
     report.add_argument("store", metavar="STORE")
     report.add_argument("--out", required=True, metavar="DIR", help="folder for report.html")
     report.add_argument("--no-thumbnails", action="store_true", help="skip the gating figures (faster)")
     report.add_argument("--debug", action="store_true")
+    _add_logging_options(report)
     report.set_defaults(func=cmd_report)
 
-    inspect = sub.add_parser("inspect", help="show what an FCS file holds before analysing it")
+    inspect = sub.add_parser("inspect", help="show what an FCS file holds before analysing it",
+                             description="show what an FCS file holds before analysing it", epilog=_EXAMPLES["inspect"])
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--debug", action="store_true")
+    _add_logging_options(inspect)
     inspect.set_defaults(func=cmd_inspect)
     return parser
 
@@ -414,6 +564,7 @@ def main(argv=None):
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    _configure_logging(args)
     try:
         return args.func(args)
     except UsageError as exc:

@@ -211,7 +211,7 @@ def validate_manifest(manifest, files=(), folders=(), options=None, allow_unlist
             continue
         suggestion = suggest_column(column)
         if suggestion is not None:
-            problems.append(f"unknown column {column!r} - did you mean {suggestion}?")
+            problems.append(f"unknown column {column!r} — did you mean {suggestion}?")
     for row in manifest.rows:
         if not row.path.is_file():
             problems.append(f"{_label(row)}: file not found ({row.path})")
@@ -232,7 +232,7 @@ def validate_manifest(manifest, files=(), folders=(), options=None, allow_unlist
                 unlisted.append(str(path))
         if unlisted:
             problems.append(f"not listed in the manifest (add rows, or --allow-unlisted): {', '.join(unlisted)}")
-    missing_constants = []
+    missing_constants, car_without = [], {"study_day": [], "subject_id": []}
     overrides = {name: _has_override(options, name) for name in POSITIVE_COLUMNS}
     method_override = getattr(options, "method", None) if options is not None else None
     for row in manifest.rows:
@@ -269,12 +269,13 @@ def validate_manifest(manifest, files=(), folders=(), options=None, allow_unlist
             absent = [n for n in ("beads_per_test", "sample_volume_ul") if not has[n]]
             missing_constants.append(f"{row.line} ({'/'.join(absent)})")
         if "car" in row.text("tube").lower():
-            if not row.text("study_day"):
-                problems.append(f"{label}: CAR tube without a study_day (its pre-infusion reference cannot be "
-                                "linked)")
-            if not row.text("subject_id"):
-                problems.append(f"{label}: CAR tube without a subject_id (its pre-infusion reference cannot be "
-                                "linked)")
+            for column in ("study_day", "subject_id"):
+                if not row.text(column):
+                    car_without[column].append(str(row.line))
+    for column, lines in car_without.items():
+        if lines:
+            problems.append(f"CAR tubes without a {column} (their pre-infusion reference cannot be linked) on rows "
+                            + ", ".join(lines))
     if missing_constants:
         problems.append("no bead constants (beads_per_test and sample_volume_ul, or --beads-per-test/"
                         "--sample-volume-ul, or another counting method's inputs) on rows "

@@ -50,6 +50,27 @@ def subject_of(result):
     return result.get("subject_id") or Path(result["file"]).stem
 
 
+def distinct_tubes(results):
+    """``results`` with each FCS file once: a file seen again (same SHA-256) replaces its earlier result.
+
+    The same tube analysed twice (two parameter sets, a copy under another
+    name) is one tube: it never doubles a visit nor supersedes itself.
+    Results without a SHA-256 (unreadable files) are kept by file path.
+
+    Examples
+    --------
+    >>> kept = distinct_tubes([{"file": "a.fcs", "sha256": "1", "n": 1}, {"file": "b.fcs", "sha256": "1", "n": 2},
+    ...                        {"file": "c.fcs", "sha256": None}])
+    >>> [(r["file"], r.get("n")) for r in kept]
+    [('b.fcs', 2), ('c.fcs', None)]
+    """
+    latest = {}
+    for index, result in enumerate(results):
+        latest[result.get("sha256") or ("path", str(result.get("file")))] = index
+    keep = set(latest.values())
+    return [result for index, result in enumerate(results) if index in keep]
+
+
 def _day_key(result):
     day = result.get("study_day")
     return (float(day) if isinstance(day, (int, float)) else float("inf"), Path(result["file"]).name)
@@ -82,7 +103,7 @@ def screening_decisions(results):
     ('eligible', 'b.fcs')
     """
     by_subject = {}
-    for result in results:
+    for result in distinct_tubes(results):
         if result.get("eligibility"):
             by_subject.setdefault(subject_of(result), []).append(result)
     rows = []
@@ -380,7 +401,7 @@ def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
     ([7], [7])
     """
     by_subject, tbnk_by_visit = {}, {}
-    for result in results:
+    for result in distinct_tubes(results):
         if result.get("panel") == "car" or (result.get("populations") or {}).get("car_t"):
             by_subject.setdefault(subject_of(result), []).append((result, _point(result)))
         elif result.get("panel") == "tbnk" and _numeric_day(result) is not None:
@@ -388,6 +409,7 @@ def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
     rows = []
     rule = CROSSCHECK_RULE.format(alpha=crosscheck_alpha)
     for subject, items in sorted(by_subject.items()):
+        items = _one_tube_per_visit(items)
         pairs, flagged = 0, []
         for result, point in items:
             checks = []
@@ -408,6 +430,33 @@ def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
                      "t_cell_crosscheck": {"rule": rule, "alpha": crosscheck_alpha, "pairs": pairs,
                                            "flagged_days": sorted(flagged)}})
     return rows
+
+
+def _one_tube_per_visit(items):
+    """One timeline point per study day: several CAR tubes of a day give the point of one of them.
+
+    The tube used is the last by file name among those analysed without
+    error (the last of all when every one failed); the point names the
+    others in a qc flag, so a visit is never counted twice in the kinetics.
+    """
+    by_day, order = {}, []
+    for result, point in items:
+        day = _numeric_day(result)
+        key = ("day", day) if day is not None else ("file", result["file"])
+        if key not in by_day:
+            order.append(key)
+        by_day.setdefault(key, []).append((result, point))
+    kept = []
+    for key in order:
+        tubes = sorted(by_day[key], key=lambda item: (item[0].get("status", "ok") == "ok", Path(item[0]["file"]).name))
+        result, point = tubes[-1]
+        others = [Path(other["file"]).name for other, _ in tubes[:-1]]
+        if others:
+            point["qc_flags"].append(f"visit: other CAR tubes of day {point['study_day']} not used (one point per "
+                                     f"visit): {', '.join(others)}")
+            point["other_tubes"] = others
+        kept.append((result, point))
+    return kept
 
 
 _FORMULA_START = ("=", "+", "-", "@")
