@@ -40,11 +40,11 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1600px; }
 table { border-collapse: collapse; margin-bottom: 1.2em; font-size: 0.9em; }
 th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 th { background: #eee; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .eligible { background: #e3f4e3; } .not_eligible { background: #f4f4f4; }
 .indeterminate { background: #fff4d6; } .qc_fail, .error { background: #fbe0e0; }
 .flags { font-size: 0.85em; color: #6a3d00; }
-td.flags { min-width: 26em; }
+td.flags { min-width: 14em; }
 .check-pass { background: #e3f4e3; } .check-flag { background: #fff4d6; } .check-fail { background: #fbe0e0; }
 .verdict { font-weight: bold; text-transform: uppercase; }
 section.sample { border-top: 3px solid #888; margin-top: 2em; padding-top: 0.5em; }
