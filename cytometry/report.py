@@ -41,6 +41,7 @@ table { border-collapse: collapse; margin-bottom: 1.2em; font-size: 0.9em; }
 th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 th { background: #eee; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.nowrap { white-space: nowrap; }
 .eligible { background: #e3f4e3; } .not_eligible { background: #f4f4f4; }
 .indeterminate { background: #fff4d6; } .qc_fail, .error { background: #fbe0e0; }
 .flags { font-size: 0.85em; color: #6a3d00; }
@@ -96,8 +97,12 @@ def _count_text(count):
         return text + ("" if count.get("reliable", True) else " <b>UNRELIABLE</b>")
     if count.get("reliable") is False:
         return "<b>UNRELIABLE</b> " + _count_text({**count, "reliable": True})
-    text = f"{format_sig(count['cells_per_ul'])} {_ci(count['ci95'])} ({count['events']:,} ev)"
-    return ("&lt;LLOQ " if count.get("below_lloq") else "") + _e(text)
+    # The value and its interval stay on one line; the events go below.
+    value = ("&lt;LLOQ " if count.get("below_lloq") else "") + _e(f"{format_sig(count['cells_per_ul'])} "
+                                                                   f"{_ci(count['ci95'])}")
+    events = _e(f"({count['events']:,} ev)")
+    return f'<span class="nowrap">{value}</span> <span class="nowrap">{events}</span>'
+
 
 
 def sort_key(result):
