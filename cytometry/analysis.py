@@ -338,9 +338,9 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_err
     Examples
     --------
     >>> r = analyze_file("sample_fcs/S01_screening_TBNK.fcs",
-    ...                  options=AnalysisOptions(beads_per_test=50000, sample_volume_ul=50))  # doctest: +SKIP
-    >>> r["populations"]["b_cells"]["cells_per_ul"], r["eligibility"]["verdict"]  # doctest: +SKIP
-    (118.2, 'eligible')
+    ...                  options=AnalysisOptions(beads_per_test=50120, sample_volume_ul=50))
+    >>> r["populations"]["b_cells"]["cells_per_ul"], r["eligibility"]["verdict"]
+    (114.471, 'eligible')
     """
     options = options or AnalysisOptions()
     result = _base_result(path, manifest_row)
@@ -477,6 +477,9 @@ class GatedSample:
 
         Examples
         --------
+        Not run by the tests: it needs the optional ``anndata`` extra, which
+        the test environment does not install.
+
         >>> adata = gate_file("sample_fcs/S01_screening_TBNK.fcs").to_anndata()  # doctest: +SKIP
         >>> adata.obs["b_cells"].sum() > 0  # doctest: +SKIP
         True
@@ -514,9 +517,13 @@ def export_gating(gated, file_handle):
 
     Examples
     --------
-    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")  # doctest: +SKIP
-    >>> with open("S01.gatingml.xml", "wb") as fh:  # doctest: +SKIP
-    ...     export_gating(gated, fh)
+    >>> import io
+    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")
+    >>> fh = io.BytesIO()                         # or open("S01.gating.xml", "wb")
+    >>> export_gating(gated, fh)
+    GatingStrategy(17 gates, 10 transforms, 1 compensations)
+    >>> fh.getvalue()[:38]
+    b"<?xml version='1.0' encoding='UTF-8'?>"
     """
     from gating.gatingml import export_gatingml
 
@@ -550,9 +557,9 @@ def gate_file(path, options=None):
 
     Examples
     --------
-    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")  # doctest: +SKIP
-    >>> gated.gating.events("b_cells")  # doctest: +SKIP
-    573
+    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")
+    >>> gated.gating.events("b_cells")
+    551
     """
     options = options or AnalysisOptions()
     sample = read_fcs(path)
@@ -769,8 +776,8 @@ def car_reference_of(gated, source=""):
     Examples
     --------
     >>> from pathlib import Path
-    >>> reference = car_reference_of(gate_file(Path("sample_fcs/S01_day000_CAR.fcs")), "day 0")  # doctest: +SKIP
-    >>> reference.beads.events > 1000  # doctest: +SKIP
+    >>> reference = car_reference_of(gate_file(Path("sample_fcs/S01_day000_CAR.fcs")), "day 0")
+    >>> reference.beads.events > 1000
     True
     """
     from gating.car import BeadLevel, CarReference

@@ -167,8 +167,17 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
 
     Examples
     --------
-    >>> results = run_batch(sorted(Path("sample_fcs").glob("*.fcs")), read_manifest("sample_fcs/manifest.csv"),
-    ...                     store="run.store", workers=2)  # doctest: +SKIP
+    >>> import tempfile
+    >>> from cytometry.manifest import read_manifest
+    >>> files = sorted(Path("sample_fcs").glob("S0[1-3]_screening_TBNK.fcs"))
+    >>> manifest = read_manifest("sample_fcs/manifest.csv")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     first = run_batch(files, manifest, store=Path(d) / "run.store", workers=1)
+    ...     again = run_batch(files, manifest, store=Path(d) / "run.store", workers=1)
+    >>> [r["eligibility"]["verdict"] for r in first]
+    ['eligible', 'not_eligible', 'indeterminate']
+    >>> [r.get("skipped", False) for r in again]     # the second run reads them from the store
+    [True, True, True]
     """
     options = options or AnalysisOptions()
     if manifest is not None:

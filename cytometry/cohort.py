@@ -358,7 +358,7 @@ def make_cohort(out_dir, seed=2113, subjects=None):
     Examples
     --------
     >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as d:   # doctest: +SKIP
+    >>> with tempfile.TemporaryDirectory() as d:
     ...     truth = make_cohort(d, subjects=["fast"])
     ...     sorted(truth["subjects"]), truth["subjects"]["K01"]["kinetics"]["tmax_day"]
     (['K01'], 7)

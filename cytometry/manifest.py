@@ -108,8 +108,8 @@ def read_manifest(path):
 
     Examples
     --------
-    >>> m = read_manifest("sample_fcs/manifest.csv")  # doctest: +SKIP
-    >>> m.rows[0].text("subject_id")  # doctest: +SKIP
+    >>> m = read_manifest("sample_fcs/manifest.csv")
+    >>> m.rows[0].text("subject_id")
     'S01'
     """
     path = Path(path)

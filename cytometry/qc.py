@@ -47,8 +47,10 @@ def review(gated, rules=None):
     Examples
     --------
     >>> from cytometry.analysis import gate_file
-    >>> [str(f) for f in review(gate_file("sample_fcs/S02_screening_TBNK.fcs"))]  # doctest: +SKIP
-    ['lymphocytes: 2121 events < 2500 (acquisition stop rule)']
+    >>> [str(f) for f in review(gate_file("sample_fcs/S05_screening_TBNK.fcs"))]
+    ['lymphocytes: 2275 events < 2500 (acquisition stop rule)']
+    >>> review(gate_file("sample_fcs/S01_screening_TBNK.fcs"))
+    []
     """
     rules = rules or QcRules()
     masks = gated.gating.masks

@@ -1333,7 +1333,7 @@ def make_sample_set(out_dir, seed=2026, *, screening_volume_ul=5.0, car_volume_u
     Examples
     --------
     >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as d:   # doctest: +SKIP
+    >>> with tempfile.TemporaryDirectory() as d:
     ...     paths = make_sample_set(d)
     ...     len(paths)
     14

@@ -185,9 +185,16 @@ class ResultStore:
 
     Examples
     --------
-    >>> store = ResultStore("run.store")  # doctest: +SKIP
-    >>> store.results()[0]["populations"]["b_cells"]["cells_per_ul"]  # doctest: +SKIP
-    114.3
+    >>> import tempfile
+    >>> from cytometry.batch import run_batch
+    >>> from cytometry.manifest import read_manifest
+    >>> d = tempfile.TemporaryDirectory()
+    >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
+    ...               store=f"{d.name}/run.store", workers=1)
+    >>> store = ResultStore(f"{d.name}/run.store")
+    >>> store.results()[0]["populations"]["b_cells"]["cells_per_ul"]
+    114.471
+    >>> d.cleanup()
     """
 
     def __init__(self, path):
@@ -515,10 +522,17 @@ class ResultStore:
 
         Examples
         --------
-        >>> store = ResultStore("run.store")  # doctest: +SKIP
-        >>> stored = store.events(store.entries()[0].name)  # doctest: +SKIP
-        >>> stored["events"].shape[0] <= REPORT_EVENTS, sorted(stored["columns"])[:2]  # doctest: +SKIP
-        (True, ['CD19', 'CD3'])
+        >>> import tempfile
+        >>> from cytometry.batch import run_batch
+        >>> from cytometry.manifest import read_manifest
+        >>> d = tempfile.TemporaryDirectory()
+        >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
+        ...               store=f"{d.name}/run.store", workers=1)
+        >>> store = ResultStore(f"{d.name}/run.store")
+        >>> stored = store.events(store.entries()[0].name)
+        >>> stored["events"].shape[0] <= REPORT_EVENTS, sorted(stored["columns"])[:2]
+        (True, ['CD16+56', 'CD19'])
+        >>> d.cleanup()
         """
         import h5py
 
@@ -547,9 +561,16 @@ class ResultStore:
 
         Examples
         --------
-        >>> store = ResultStore("run.store")  # doctest: +SKIP
-        >>> store.provenance(store.entries()[0].name)["fcs_keywords"]["cyt"]  # doctest: +SKIP
+        >>> import tempfile
+        >>> from cytometry.batch import run_batch
+        >>> from cytometry.manifest import read_manifest
+        >>> d = tempfile.TemporaryDirectory()
+        >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
+        ...               store=f"{d.name}/run.store", workers=1)
+        >>> store = ResultStore(f"{d.name}/run.store")
+        >>> store.provenance(store.entries()[0].name)["fcs_keywords"]["cyt"]
         'FACSCanto II'
+        >>> d.cleanup()
         """
         import h5py
 
@@ -584,8 +605,8 @@ def event_sample(gated, limit=REPORT_EVENTS, seed=0):
     Examples
     --------
     >>> from cytometry.analysis import gate_file
-    >>> kept = event_sample(gate_file("sample_fcs/S01_screening_TBNK.fcs"), limit=1000)  # doctest: +SKIP
-    >>> kept["events"].shape[0], kept["n_events"]  # doctest: +SKIP
+    >>> kept = event_sample(gate_file("sample_fcs/S01_screening_TBNK.fcs"), limit=1000)
+    >>> kept["events"].shape[0], kept["n_events"]
     (1000, 24123)
     """
     from .analysis import _channel_top

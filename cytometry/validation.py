@@ -440,7 +440,7 @@ def evaluate_tube(path, condition, truth, options=None):
     Examples
     --------
     >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as d:    # doctest: +SKIP
+    >>> with tempfile.TemporaryDirectory() as d:
     ...     (path, name, truth), = simulate_condition_set(d, 1, conditions="typical")
     ...     evaluate_tube(path, name, truth).populations["b_cells"]["f1"] > 0.9
     True

@@ -588,9 +588,13 @@ def auto_gate(data, channels, panel, *, params=None, device=None, tops=None):
 
     Examples
     --------
-    >>> result = auto_gate(data, {"CD45": 4, ...}, "tbnk")  # doctest: +SKIP
-    >>> result.events("b_cells")  # doctest: +SKIP
-    612
+    >>> from cytometry.analysis import gate_file
+    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")   # read, compensated, transformed
+    >>> gated.channels["CD45"], gated.data.shape[1]
+    (5, 10)
+    >>> result = auto_gate(gated.data, gated.channels, "tbnk")
+    >>> result.events("b_cells")
+    551
     """
     from .engine import run_plan
     from .panels import load_panels

@@ -130,8 +130,20 @@ def export_gatingml(result: GatingResult, channels, file_handle, spillover=None,
 
     Examples
     --------
-    >>> with open("S01.gating.xml", "wb") as fh:  # doctest: +SKIP
-    ...     export_gatingml(gated.gating, channel_info, fh, spillover=(detectors, matrix))
+    ``channels`` maps each marker or scatter name of the gates to its ``$PnN``
+    and range (``cytometry.analysis.export_gating`` builds it, with the
+    file's spillover, from a gated sample):
+
+    >>> import io
+    >>> from cytometry.analysis import gate_file
+    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")
+    >>> names = {**gated.panel.markers, **gated.panel.scatter}
+    >>> names["CD19"], names["SSC-A"]
+    ('APC-A', 'SSC-A')
+    >>> channels = {key: {"pnn": pnn, "range": 262144} for key, pnn in names.items()}
+    >>> fh = io.BytesIO()                         # or open("S01.gating.xml", "wb")
+    >>> export_gatingml(gated.gating, channels, fh, spillover=(gated.spillover.detectors, gated.spillover.matrix))
+    GatingStrategy(17 gates, 10 transforms, 1 compensations)
     """
     import flowkit as fk
 
