@@ -252,3 +252,28 @@ def test_parse_readme_strips_fence_indent_and_reads_markers():
     a, b = parse_readme(text)
     assert (a.marker, a.command, a.lines, a.section) == ("output", "cytometry x", ["  two spaces"], "Sec")
     assert (b.marker, b.info, b.lines) == (None, "python", ["print(1)"])
+
+
+# --- docstring examples: skipped only where they cannot run --------------------------
+
+# (file, count of `doctest: +SKIP` lines, why). Any other skip fails this test: an example
+# that can run on sample_fcs/ must run, so its printed output cannot go stale.
+ALLOWED_SKIPS = {
+    ("cytometry/analysis.py", 2, "GatedSample.to_anndata needs the optional anndata extra"),
+    # pending: these files were being edited by another change when the other examples were
+    # made runnable; plots.py's examples run in ~2-4 s each on sample_fcs/ and should follow.
+    ("cytometry/plots.py", 7, "pending (GatingView.from_store, gating_steps, gating_figure)"),
+    ("cytometry/report.py", 1, "pending (write_report on a store)"),
+}
+
+
+def test_docstring_examples_are_not_skipped():
+    found = {}
+    for package in ("cytometry", "gating", "gpu"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            n = path.read_text(encoding="utf-8").count("doctest: +SKIP")
+            if n:
+                found[path.relative_to(ROOT).as_posix()] = n
+    allowed = {name: n for name, n, _ in ALLOWED_SKIPS}
+    assert found == allowed, ("docstring examples marked +SKIP beyond those that cannot run "
+                              f"(found {found}, allowed {allowed}); make them run on sample_fcs/")
