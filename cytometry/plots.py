@@ -110,10 +110,19 @@ class GatingView:
 
         Examples
         --------
+        >>> import tempfile
+        >>> from cytometry.batch import run_batch
+        >>> from cytometry.manifest import read_manifest
         >>> from cytometry.store import ResultStore
-        >>> store = ResultStore("run.store")  # doctest: +SKIP
-        >>> view = GatingView.from_store(store, store.entries()[0].name)  # doctest: +SKIP
-        >>> fig = gating_figure(view)  # doctest: +SKIP
+        >>> d = tempfile.TemporaryDirectory()
+        >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
+        ...               store=f"{d.name}/run.store", workers=1)
+        >>> store = ResultStore(f"{d.name}/run.store")
+        >>> view = GatingView.from_store(store, store.entries()[0].name)
+        >>> fig = gating_figure(view)
+        >>> len(fig.axes) > 3
+        True
+        >>> d.cleanup()
         """
         stored = store.events(entry)
         if stored is None:
@@ -252,8 +261,8 @@ def gating_steps(source):
     Examples
     --------
     >>> from cytometry.analysis import gate_file
-    >>> steps = gating_steps(gate_file("sample_fcs/S01_screening_TBNK.fcs"))  # doctest: +SKIP
-    >>> [g["population"] for g in steps[-2]["gates"]]  # doctest: +SKIP
+    >>> steps = gating_steps(gate_file("sample_fcs/S01_screening_TBNK.fcs"))
+    >>> [g["population"] for g in steps[-2]["gates"]]
     ['nk_cells']
     """
     view = source if isinstance(source, GatingView) else GatingView.from_gated(source)
@@ -307,8 +316,9 @@ def gating_figure(source, title=None):
     Examples
     --------
     >>> from cytometry.analysis import gate_file
-    >>> fig = gating_figure(gate_file("sample_fcs/S01_screening_TBNK.fcs"))  # doctest: +SKIP
-    >>> fig.savefig("S01_gating.png")  # doctest: +SKIP
+    >>> import io
+    >>> fig = gating_figure(gate_file("sample_fcs/S01_screening_TBNK.fcs"))
+    >>> fig.savefig(io.BytesIO(), format="png")     # or a file name: fig.savefig("S01_gating.png")
     """
     # No backend chosen here: a notebook keeps its inline figures, and the
     # command line sets Agg before anything imports pyplot (cytometry.cli).

@@ -496,8 +496,15 @@ def write_report(store_path, out_dir, thumbnails=True, progress=None, summary=No
 
     Examples
     --------
-    >>> write_report("run.store", "qc")  # doctest: +SKIP
-    PosixPath('qc/report.html')
+    >>> import tempfile
+    >>> from cytometry.batch import run_batch
+    >>> from cytometry.manifest import read_manifest
+    >>> d = tempfile.TemporaryDirectory()
+    >>> _ = run_batch(["sample_fcs/S03_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
+    ...               store=f"{d.name}/run.store", workers=1)
+    >>> write_report(f"{d.name}/run.store", f"{d.name}/qc", progress=False).name
+    'report.html'
+    >>> d.cleanup()
     """
     from .store import ResultStore
 

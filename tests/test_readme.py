@@ -260,10 +260,6 @@ def test_parse_readme_strips_fence_indent_and_reads_markers():
 # that can run on sample_fcs/ must run, so its printed output cannot go stale.
 ALLOWED_SKIPS = {
     ("cytometry/analysis.py", 2, "GatedSample.to_anndata needs the optional anndata extra"),
-    # pending: these files were being edited by another change when the other examples were
-    # made runnable; plots.py's examples run in ~2-4 s each on sample_fcs/ and should follow.
-    ("cytometry/plots.py", 7, "pending (GatingView.from_store, gating_steps, gating_figure)"),
-    ("cytometry/report.py", 1, "pending (write_report on a store)"),
 }
 
 
