@@ -708,7 +708,6 @@ def _count(gated, row, options, result, screening):
                        and str(f) not in b_problems and f.population not in ("beads",)]
         result["eligibility"] = decide(counts.get(population), options.rule, b_problems)
 
-    car_gate = next((g for g in gating.gates if g.name == "car_t"), None)
     if car_gate is not None and car_gate.threshold is not None and np.isfinite(car_gate.threshold):
         from gpu.logicle import logicle_inverse
 

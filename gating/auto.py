@@ -490,18 +490,10 @@ def balanced_positive_threshold(values, params, reference=None):
         # A measured negative sample: count the positives against it and
         # cut where exactly that many events lie above, so the gate's count
         # is the estimate (see reference_subtraction_count).
+        from .car import cut_leaving
+
         positives, estimate = reference_subtraction_count(values, reference)
-        n_positive = int(round(positives))
-        ordered = np.sort(values)
-        # Midway between the last event in and the first one out, so that a
-        # reviewer's software, recomputing the transform to within 1e-7,
-        # gates the same events.
-        if n_positive == 0:
-            threshold = float(ordered[-1]) + 1e-4
-        elif n_positive >= values.size:
-            threshold = float(ordered[0]) - 1e-4
-        else:
-            threshold = 0.5 * float(ordered[values.size - n_positive] + ordered[values.size - n_positive - 1])
+        threshold = cut_leaving(values, positives)
         info.update(estimate, method="cut leaving above it the positives counted against the reference "
                                      "(aligned, subtracted, extrapolated)")
         return threshold, info

@@ -49,8 +49,10 @@ from scipy.special import ndtr, ndtri
 
 from gpu.logicle import logicle, logicle_inverse
 
+from .engine import LOWER_FLANK_QUANTILE
+
 #: Share of a normal population below its mean − 1 SD: the lower flank's quantile.
-LOWER_FLANK = float(ndtr(-1.0))
+LOWER_FLANK = LOWER_FLANK_QUANTILE
 #: ... and below its mean − 2 SD: where the lower tail's weight is read.
 DEEP_TAIL = float(ndtr(-2.0))
 #: The asymptotic SD of (median − 15.9th percentile) of n normal values is

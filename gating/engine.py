@@ -41,7 +41,7 @@ and makes its population and everything below it unreliable.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import ndtri
+from scipy.special import ndtr, ndtri
 
 from gpu import get_array_module, to_numpy
 from gpu.density import gaussian_smooth_1d, histogram_1d, robust_location_scale, valley_between
@@ -217,8 +217,8 @@ def _smoothed_on(values, centers, sigma_bins, xp=np):
     return to_numpy(gaussian_smooth_1d(counts, sigma_bins))
 
 
-#: Share of a normal population below its mean − 1 SD.
-LOWER_FLANK_QUANTILE = 0.15865525393145707
+#: Share of a normal population below its mean − 1 SD (the lower flank's quantile).
+LOWER_FLANK_QUANTILE = float(ndtr(-1.0))
 
 
 def lower_flank_spread(values, mode):
