@@ -1,6 +1,6 @@
 """Accuracy of the automatic gating and counts against the simulator's truth.
 
-Generates a seeded, varied set of tubes (see ``cytometry.validation.CONDITIONS``:
+Generates a seeded, varied set of tubes (see ``cytometry.simulation.validation.CONDITIONS``:
 the ideal conditions on the simulator's clean defaults and the realistic ones with
 photon-noise spreading, NK continuum and NKT cells, CD45-negative high-scatter
 debris, basophils/eosinophils, continua and extreme blood compositions),
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.validation import (CONDITIONS, IDEAL_CONDITIONS, LYMPHOSUM_TOLERANCE_PCT,  # noqa: E402
+from cytometry.simulation.validation import (CONDITIONS, IDEAL_CONDITIONS, LYMPHOSUM_TOLERANCE_PCT,  # noqa: E402
                                   evaluate_tube, select_conditions, simulate_condition_set, summarize,
                                   summarize_by_condition, summarize_car)
 

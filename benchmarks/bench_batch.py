@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_gating import flowkit_preprocess  # noqa: E402  (same folder)
 from bench_gating import stage_times as gating_stage_times  # noqa: E402
 from cytometry.analysis import AnalysisOptions  # noqa: E402
-from cytometry.batch import run_batch  # noqa: E402
-from cytometry.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
-from cytometry.store import ResultStore, gatingml_bytes, params_hash  # noqa: E402
+from cytometry.batch.run import run_batch  # noqa: E402
+from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
+from cytometry.batch.store import ResultStore, gatingml_bytes, params_hash  # noqa: E402
 
 
 def make_tubes(folder, n, events):

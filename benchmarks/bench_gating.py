@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cytometry.analysis import (AnalysisOptions, GatedSample, analyze_gated, prepare_events,  # noqa: E402
                                 car_reference_of, with_car_reference)
-from cytometry.fcs import read_fcs  # noqa: E402
-from cytometry.panel import resolve_panel  # noqa: E402
+from cytometry.loading.fcs import read_fcs  # noqa: E402
+from cytometry.loading.panel import resolve_panel  # noqa: E402
 from cytometry.preprocess import compensate  # noqa: E402
-from cytometry.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
+from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube  # noqa: E402
 from gating import auto_gate  # noqa: E402
 
 

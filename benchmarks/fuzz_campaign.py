@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.fcs import FcsError, read_fcs  # noqa: E402
-from cytometry.simulate import simulate_tube, write_tube  # noqa: E402
+from cytometry.loading.fcs import FcsError, read_fcs  # noqa: E402
+from cytometry.simulation.simulate import simulate_tube, write_tube  # noqa: E402
 
 KEYWORDS = ["$PAR", "$TOT", "$DATATYPE", "$BYTEORD", "$P1B", "$P3B", "$P4R", "$BEGINDATA", "$ENDDATA", "$SPILLOVER"]
 VALUES = ["", "0", "-1", "1", "2", "7", "999999999999", "1e9", "I", "F", "D", "A", "4,3,2,1", "1,2", "x", "16", "8"]

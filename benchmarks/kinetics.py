@@ -1,6 +1,6 @@
 """CAR-T kinetics a sponsor can report, against a simulated cohort's truth.
 
-Generates the seeded cohort of :mod:`cytometry.cohort` (fast and slow
+Generates the seeded cohort of :mod:`cytometry.simulation.cohort` (fast and slow
 expansion, late persistence at ~1 cell/uL, incomplete B-cell aplasia, B-cell
 recovery; each subject's pre-infusion reference at 0.5-2x the follow-ups'
 detector gain; TBNK tubes from the same blood, one with a mistyped bead lot),
@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytometry.cohort import SUBJECTS, compare_to_truth, make_cohort  # noqa: E402
+from cytometry.simulation.cohort import SUBJECTS, compare_to_truth, make_cohort  # noqa: E402
 
 
 def _num(value, width=9):
@@ -62,7 +62,7 @@ def _count(entry):
 
 def run_pipeline(cohort_dir, store, workers):
     """``cytometry analyze`` into a store, then ``cytometry persistence --json``; (subjects, seconds)."""
-    cli = [sys.executable, "-m", "cytometry.cli"]
+    cli = [sys.executable, "-m", "cytometry.outputs.cli"]
     started = time.perf_counter()
     analyze = subprocess.run(cli + ["analyze", str(cohort_dir), "--manifest", str(cohort_dir / "manifest.csv"),
                                     "--out", str(store), "--workers", str(workers)],

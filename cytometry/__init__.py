@@ -10,13 +10,13 @@ The main entry points are importable from here:
 >>> int(gated.stats().loc["b_cells", "events"]) > 0
 True
 """
-from ._version import __version__
+from cytometry._version import __version__
 
 #: Public name → the module that defines it (imported on first use, so that
 #: ``import cytometry`` stays light).
 _EXPORTS = {
-    "read_fcs": "cytometry.fcs",
-    "read_manifest": "cytometry.manifest",
+    "read_fcs": "cytometry.loading.fcs",
+    "read_manifest": "cytometry.loading.manifest",
     "AnalysisOptions": "cytometry.analysis",
     "GatedSample": "cytometry.analysis",
     "gate_file": "cytometry.analysis",
@@ -24,8 +24,8 @@ _EXPORTS = {
     "analyze_gated": "cytometry.analysis",
     "car_reference_of": "cytometry.analysis",
     "with_car_reference": "cytometry.analysis",
-    "run_batch": "cytometry.batch",
-    "ResultStore": "cytometry.store",
+    "run_batch": "cytometry.batch.run",
+    "ResultStore": "cytometry.batch.store",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,17 +11,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from cytometry._version import __version__
+from cytometry.counts import (DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count, detection_limits,
+                              dual_platform_count, volumetric_count)
+from cytometry.decisions.eligibility import EligibilityRule, decide
+from cytometry.decisions.qc import QcRules, review
+from cytometry.loading.fcs import FcsError, read_fcs
+from cytometry.loading.panel import PanelError, _gather, available_panels, read_panel_file, resolve_panel
+from cytometry.outputs.formatting import format_sig
+from cytometry.preprocess import LOGICLE_DEFAULTS, compensate, logicle, read_compensation_csv
 from gating import GatingParams, auto_gate
+from gating.car import BeadLevel, CarReference
 from gating.flags import Flag, unreliable_populations
-
-from ._version import __version__
-from .counts import DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count
-from .eligibility import EligibilityRule, decide
-from .fcs import FcsError, read_fcs
-from .panel import PanelError, read_panel_file, resolve_panel
-from .preprocess import LOGICLE_DEFAULTS, compensate, logicle, read_compensation_csv
-from .qc import QcRules
+from gating.gatingml import export_gatingml
+from gating.panels import PanelDefinitionError
+from gpu.logicle import logicle_inverse
 
 #: A common acceptance rule for single-platform bead counting.
 DEFAULT_MIN_BEAD_EVENTS = 1000
@@ -48,7 +54,7 @@ class AnalysisOptions:
     compensation : str or None
         Path of a spillover CSV to use instead of the file's matrix.
     panel_file : str or None
-        Marker → channel overrides (see :func:`cytometry.panel.read_panel_file`).
+        Marker → channel overrides (see :func:`cytometry.loading.panel.read_panel_file`).
     panel_dirs : tuple of str
         Extra folders (or files) of panel definitions (see :mod:`gating.panels`).
     device : str or None
@@ -107,21 +113,15 @@ def prepare_events(sample, panel, spillover):
     for marker, name in panel.markers.items():
         index = sample.channel_index(name)
         channels[marker] = index
-        by_top.setdefault(_channel_top(sample, index), []).append(index)
+        by_top.setdefault(sample.channel_top(index), []).append(index)
     for top, indices in by_top.items():
         data = logicle(data, indices, top=top)
     for key, name in panel.scatter.items():
         index = sample.channel_index(name)
         channels[key] = index
         if key != "Time":
-            data[:, index] = events[:, index] / _channel_top(sample, index)
+            data[:, index] = events[:, index] / sample.channel_top(index)
     return data, channels
-
-
-def _channel_top(sample, index):
-    """``$PnR`` of a channel, or 262144 (18 bits) when the file gives none."""
-    top = sample.ranges[index]
-    return float(top) if np.isfinite(top) and top > 1 else 262144.0
 
 
 def _gate_count_sd(gating, population):
@@ -152,7 +152,6 @@ def _limits(gating, population, options):
     from the reference's tail of ``k`` events): its background variance is
     ``E + E²/k`` (:func:`cytometry.counts.detection_limits`).
     """
-    from .counts import detection_limits
 
     gate = next((g for g in gating.gates if g.name == population), None)
     background, variance = 0.0, 0.0
@@ -202,7 +201,6 @@ def widen_for_overlap(count, count_sd, count_for, upper_events=None):
     >>> wide.ci95[0] < plain.ci95[0] and wide.ci95[1] > plain.ci95[1], wide.cells_per_ul == plain.cells_per_ul
     (True, True)
     """
-    from dataclasses import replace
 
     delta = 1.96 * count_sd
     low = count_for(max(0, int(np.floor(count.events - delta))))
@@ -239,7 +237,6 @@ def _choose_counting(row, options, sample, gating):
     details : dict
         The constants used (recorded in ``result["counting"]``).
     """
-    from .counts import dual_platform_count, volumetric_count
 
     requested = options.method or "auto"
     if requested == "auto" and row is not None and row.text("counting_method"):
@@ -319,7 +316,7 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_err
     Parameters
     ----------
     path : str or Path
-    manifest_row : cytometry.manifest.ManifestRow, optional
+    manifest_row : cytometry.loading.manifest.ManifestRow, optional
         Subject, visit, study day, tube and bead constants.
     options : AnalysisOptions, optional
     on_gated : callable, optional
@@ -375,9 +372,9 @@ class GatedSample:
 
     Attributes
     ----------
-    sample : cytometry.fcs.FcsSample
-    panel : cytometry.panel.Panel
-    spillover : cytometry.fcs.Spillover or None
+    sample : cytometry.loading.fcs.FcsSample
+    panel : cytometry.loading.panel.Panel
+    spillover : cytometry.loading.fcs.Spillover or None
     data : ndarray
         Compensated, transformed events (see :func:`prepare_events`).
     channels : dict
@@ -420,7 +417,6 @@ class GatedSample:
         >>> int(table["b_cells"].sum()) == gated.gating.events("b_cells"), "CD19" in table.columns
         (True, True)
         """
-        import pandas as pd
 
         columns = {name: self.data[:, index] for name, index in self.channels.items()}
         columns.update({name: np.asarray(self.gating.masks[name], dtype=bool) for name in self.gating.populations})
@@ -448,7 +444,6 @@ class GatedSample:
         >>> list(table.columns)[:4], round(float(table.loc["b_cells", "cells_per_ul"]))
         (['events', 'parent', 'pct_of_parent', 'pct_of_total'], 114)
         """
-        import pandas as pd
 
         total = self.data.shape[0]
         rows = []
@@ -489,7 +484,6 @@ class GatedSample:
         except ImportError as exc:  # an optional extra: say how to get it
             raise ImportError("to_anndata needs the anndata package: pip install 'cytometry-counts[anndata]'") \
                 from exc
-        import pandas as pd
 
         names = list(self.channels)
         obs = pd.DataFrame({name: np.asarray(self.gating.masks[name], dtype=bool)
@@ -525,12 +519,11 @@ def export_gating(gated, file_handle):
     >>> fh.getvalue()[:38]
     b"<?xml version='1.0' encoding='UTF-8'?>"
     """
-    from gating.gatingml import export_gatingml
 
     sample, panel = gated.sample, gated.panel
     names = dict(panel.markers)
     names.update(panel.scatter)
-    channels = {key: {"pnn": pnn, "range": _channel_top(sample, sample.channel_index(pnn))}
+    channels = {key: {"pnn": pnn, "range": sample.channel_top(sample.channel_index(pnn))}
                 for key, pnn in names.items()}
     spill = None
     if gated.spillover is not None:
@@ -563,9 +556,7 @@ def gate_file(path, options=None):
     """
     options = options or AnalysisOptions()
     sample = read_fcs(path)
-    from gating.panels import PanelDefinitionError
 
-    from .panel import _gather, available_panels
 
     try:
         panels = available_panels(options.panel_dirs)
@@ -589,7 +580,7 @@ def gate_file(path, options=None):
         flags.append(Flag("compensation", "not_compensated", "fail",
                           "no spillover matrix in the file and none supplied; data not compensated"))
     data, channels = prepare_events(sample, panel, spillover)
-    tops = {marker: _channel_top(sample, sample.channel_index(name)) for marker, name in panel.markers.items()}
+    tops = {marker: sample.channel_top(sample.channel_index(name)) for marker, name in panel.markers.items()}
     gating = auto_gate(data, channels, panel.definition or panel.name, params=options.gating, device=options.device,
                        tops=tops)
     flags.extend(gating.flags)
@@ -617,7 +608,6 @@ def _count(gated, row, options, result, screening):
     checks is marked ``reliable: false`` with the reasons, and a screening
     verdict resting on it is ``qc_fail``.
     """
-    from .qc import review
 
     sample, panel, spillover, gating = gated.sample, gated.panel, gated.spillover, gated.gating
     result["sha256"] = sample.sha256
@@ -669,7 +659,7 @@ def _count(gated, row, options, result, screening):
         # events, e.g. a small pre-infusion tube against a large follow-up).
         extra = car_gate.extra
         flags.append(Flag("car_t", "lloq_raised", "info",
-                          f"LLOQ {limits['car_t'][1]:.0f} events ({_per_ul(count_for, limits['car_t'][1]):.3g} "
+                          f"LLOQ {limits['car_t'][1]:.0f} events ({format_sig(_per_ul(count_for, limits['car_t'][1]))} "
                           f"cells/uL), raised from {options.lloq_events} by the "
                           f"{extra['expected_negatives_above_cut']:g} negatives expected above the CAR cut, estimated "
                           f"from {extra['reference_tail_events']:g} events of the reference's tail "
@@ -709,10 +699,9 @@ def _count(gated, row, options, result, screening):
         result["eligibility"] = decide(counts.get(population), options.rule, b_problems)
 
     if car_gate is not None and car_gate.threshold is not None and np.isfinite(car_gate.threshold):
-        from gpu.logicle import logicle_inverse
 
         pnn = panel.markers["CAR"]
-        top = _channel_top(sample, sample.channel_index(pnn))
+        top = sample.channel_top(sample.channel_index(pnn))
         result["car_threshold"] = {
             "logicle": round(float(car_gate.threshold), 6),
             "channel": pnn,
@@ -779,13 +768,11 @@ def car_reference_of(gated, source=""):
     >>> reference.beads.events > 1000
     True
     """
-    from gating.car import BeadLevel, CarReference
-    from gpu.logicle import logicle_inverse
 
     if "CAR" not in gated.channels or "t_cells" not in gated.gating.masks:
         return None
     column = gated.channels["CAR"]
-    top = _channel_top(gated.sample, column)
+    top = gated.sample.channel_top(column)
     linear = logicle_inverse(gated.data[:, column], t=top, **LOGICLE_DEFAULTS)
     beads = gated.gating.masks.get("beads")
     level = BeadLevel.of(linear[beads], top) if beads is not None else None
@@ -806,7 +793,6 @@ def with_car_reference(options, reference, source=None):
     >>> len(options.gating.car_reference), options.gating.car_reference_source
     (300, 'pre-infusion tube S01_day000_CAR.fcs')
     """
-    from dataclasses import replace
 
     if source is None:
         source = getattr(reference, "source", "")
@@ -824,7 +810,7 @@ class CarReferences:
 
     Parameters
     ----------
-    manifest : cytometry.manifest.Manifest or None
+    manifest : cytometry.loading.manifest.Manifest or None
     options : AnalysisOptions
     """
 
@@ -891,7 +877,6 @@ class CarReferences:
 
     def options_for(self, row):
         """``options`` with the CAR reference for ``row`` filled in (or unchanged)."""
-        from dataclasses import replace
 
         values, source = self.reference_for(row)
         if values is None:

@@ -11,9 +11,12 @@ for ``p`` (Clopper–Pearson) maps to an exact interval for the ratio
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from scipy.stats import beta
+from scipy.stats import beta, chi2
+
+from cytometry.outputs.formatting import count_text
 
 #: Fewer events than this and a count is "below LLOQ" (CV ≈ 1/√25 = 20%).
 DEFAULT_LLOQ_EVENTS = 25
@@ -103,8 +106,7 @@ class Count:
 
     def describe(self):
         """Short text for tables: ``12.3 [10.1–15.0]`` or ``< LLOQ (0.8 [0.2–2.0])``."""
-        text = f"{self.cells_per_ul:.3g} [{self.ci95[0]:.3g}–{self.ci95[1]:.3g}]"
-        return f"<LLOQ {text}" if self.below_lloq else text
+        return count_text(self.as_dict())
 
 
 def bead_count(cell_events, bead_events, beads_per_test, sample_volume_ul, *,
@@ -162,7 +164,6 @@ def poisson_interval(events, confidence=0.95):
     >>> lo, round(hi, 3)
     (0.0, 3.689)
     """
-    from scipy.stats import chi2
 
     if events < 0:
         raise ValueError("events must be non-negative")
@@ -221,7 +222,6 @@ def dual_platform_count(cell_events, lymphocyte_events, lymphocytes_per_ul, *, l
     >>> c.cells_per_ul, c.method
     (75.0, 'dual-platform (lymphocyte count taken as exact)')
     """
-    import math
 
     if lymphocyte_events <= 0:
         raise ValueError("no lymphocyte events: a dual-platform count is impossible")
@@ -285,7 +285,6 @@ def detection_limits(background_events=0.0, background_variance=None, *, lod_eve
     >>> round(lod, 1), round(lloq, 1)
     (13.4, 33.0)
     """
-    import math
 
     variance = background_events if background_variance is None else background_variance
     if variance <= 0:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fcs import Spillover
+from cytometry.loading.fcs import Spillover
+from gpu.logicle import logicle as fast_logicle
 
 #: Logicle parameters used for every fluorescence channel (GatingML names).
 #: ``T`` defaults to the channel's ``$PnR``; W, M, A are the usual defaults
@@ -100,7 +101,7 @@ def compensate(events, pnn, spillover):
 
     Examples
     --------
-    >>> from cytometry.fcs import Spillover
+    >>> from cytometry.loading.fcs import Spillover
     >>> s = Spillover(["A", "B"], np.array([[1.0, 0.5], [0.0, 1.0]]), "test")
     >>> compensate(np.array([[100.0, 50.0]]), ["A", "B"], s)
     array([[100.,   0.]])
@@ -132,7 +133,6 @@ def logicle(events, channel_indices, top, w=LOGICLE_DEFAULTS["w"], m=LOGICLE_DEF
     >>> bool(0.0 < x[0, 0] < 0.2), round(float(x[0, 1]), 6)
     (True, 1.0)
     """
-    from gpu.logicle import logicle as fast_logicle
 
     out = np.array(events, dtype=np.float64, copy=True)
     columns = list(channel_indices)

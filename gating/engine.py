@@ -48,6 +48,7 @@ from gpu.density import gaussian_smooth_1d, histogram_1d, robust_location_scale,
 
 from .flags import Flag, unreliable_populations
 from .geometry import Dimension, Gate, axis_values, gate_contains
+from .panels import is_fluorescence
 
 STEP_METHODS = {}
 
@@ -667,7 +668,7 @@ def beads_step(context, step):
     from .auto import _density, _real_peaks
 
     params, data, channels = context.params, context.data, context.channels
-    fluorescence = [name for name in channels if name not in ("FSC-A", "FSC-H", "SSC-A", "Time")]
+    fluorescence = [name for name in channels if is_fluorescence(name)]
     bead_score = data[:, [channels[c] for c in fluorescence]].min(axis=1)
     density, centers, sigma = _density(bead_score, params, log_counts=True, with_sigma=True)
     peaks = _real_peaks(density, params, 0.2, True, sigma)

@@ -26,6 +26,26 @@ from pathlib import Path
 
 BUILTIN_PANEL_DIR = Path(__file__).with_name("panel_files")
 
+#: How scatter detectors are named by the vendors (``FSC-A``, ``SSC-B-A``,
+#: Beckman's ``FS INT``/``SS INT``); every other channel but time is fluorescence.
+SCATTER_PREFIXES = ("FSC", "SSC", "FS ", "SS ")
+
+
+def is_fluorescence(name):
+    """Whether a channel (a ``$PnN`` or this package's name for it) carries fluorescence.
+
+    The one place that tells fluorescence from scatter and time, for the
+    reader (which channels a spillover matrix may name), the gating (the
+    bead score over fluorescence channels) and the figures.
+
+    Examples
+    --------
+    >>> [is_fluorescence(n) for n in ("FSC-A", "SSC-B-A", "FS INT", "Time", "HDR-T", "CD19", "BL1-A")]
+    [False, False, False, False, True, True, True]
+    """
+    upper = name.upper()
+    return not (upper.startswith(SCATTER_PREFIXES) or upper.startswith("TIME"))
+
 
 class PanelDefinitionError(ValueError):
     """A panel file that cannot be used (one line naming the file and the problem)."""

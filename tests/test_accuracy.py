@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cytometry.analysis import AnalysisOptions, analyze_file
-from cytometry.manifest import read_manifest
-from cytometry.simulate import default_concentrations, simulate_tube, write_tube
+from cytometry.loading.manifest import read_manifest
+from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
 
 THRESHOLD = 5.0
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cytometry.simulate import default_concentrations
-from cytometry.validation import (CAR_REFERENCE_CONDITIONS, CONDITIONS, IDEAL_CONDITIONS, REALISTIC_CONDITIONS,
+from cytometry.simulation.simulate import default_concentrations
+from cytometry.simulation.validation import (CAR_REFERENCE_CONDITIONS, CONDITIONS, IDEAL_CONDITIONS, REALISTIC_CONDITIONS,
                                   TubeRecord, evaluate_tube, select_conditions, simulate_condition_set, summarize,
                                   summarize_by_condition)
 

@@ -144,7 +144,7 @@ def test_neither_anchor_usable_is_flagged_and_widened():
 
 
 def _car_series(tmp_path, reference_gain, days_and_car, seed):
-    from cytometry.simulate import PANELS, default_concentrations, simulate_tube, write_tube
+    from cytometry.simulation.simulate import PANELS, default_concentrations, simulate_tube, write_tube
 
     dyes = [dye for _, dye, _ in PANELS["car"]]
     pre = simulate_tube("car", seed=seed, concentrations=default_concentrations("car", car_t=0.0, b_cells=30.0),

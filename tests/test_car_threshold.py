@@ -45,7 +45,7 @@ def test_gain_offset_between_tubes_is_found():
 
 def test_a_reference_at_another_gain_is_normalised_by_the_beads(tmp_path):
     from cytometry.analysis import AnalysisOptions, analyze_gated, car_reference_of, gate_file, with_car_reference
-    from cytometry.simulate import default_concentrations, simulate_tube, write_tube
+    from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
 
     def reference(gain):
         tube = simulate_tube("car", seed=21, concentrations=default_concentrations("car", car_t=0.0),
@@ -108,7 +108,7 @@ def _analyze_day10(sample_dir, tmp_path, capsys, pre_infusion_tube=None):
     import csv
     import json
 
-    from cytometry.cli import main
+    from cytometry.outputs.cli import main
 
     rows = list(csv.DictReader(open(sample_dir / "manifest.csv", newline="")))
     kept = []

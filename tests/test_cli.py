@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from cytometry.cli import main
-from cytometry.simulate import default_concentrations, simulate_tube, write_tube
+from cytometry.outputs.cli import main
+from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
 
 
 def run_cli(capsys, *args):
@@ -21,7 +21,7 @@ def run_cli(capsys, *args):
 @pytest.fixture(scope="module")
 def sample_json(sample_dir):
     """The committed run, analysed once for the module (JSON document)."""
-    result = subprocess.run([sys.executable, "-m", "cytometry.cli", "analyze", str(sample_dir),
+    result = subprocess.run([sys.executable, "-m", "cytometry.outputs.cli", "analyze", str(sample_dir),
                              "--manifest", str(sample_dir / "manifest.csv"), "--json"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
@@ -129,7 +129,7 @@ def test_command_line_constants_override_manifest(capsys, sample_dir):
 
 
 def test_supplied_compensation_matrix_is_used(capsys, sample_dir, tmp_path):
-    from cytometry.fcs import read_fcs
+    from cytometry.loading.fcs import read_fcs
 
     path = sample_dir / "S01_screening_TBNK.fcs"
     spill = read_fcs(path).spillover

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cytometry.analysis import AnalysisOptions, analyze_file
-from cytometry.cli import main
+from cytometry.outputs.cli import main
 
 
 def test_beads_are_the_default(sample_dir):

@@ -1,7 +1,7 @@
 import pytest
 
 from cytometry.counts import Count
-from cytometry.eligibility import EligibilityRule, decide
+from cytometry.decisions.eligibility import EligibilityRule, decide
 
 
 def make(lo, hi, value=None, events=50):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cytometry.fcs import FcsError, parse_spillover, read_fcs
+from cytometry.loading.fcs import FcsError, parse_spillover, read_fcs
 from cytometry.preprocess import compensate, logicle, read_compensation_csv
 
 
@@ -25,7 +25,7 @@ def test_compensation_inverts_known_spillover():
     signal = rng.uniform(0, 1000, size=(200, 3))
     spill = np.array([[1.0, 0.2, 0.05], [0.01, 1.0, 0.3], [0.0, 0.02, 1.0]])
     raw = np.column_stack([rng.uniform(size=200), signal @ spill])
-    from cytometry.fcs import Spillover
+    from cytometry.loading.fcs import Spillover
 
     out = compensate(raw, ["FSC-A", "A", "B", "C"], Spillover(["A", "B", "C"], spill, "test"))
     np.testing.assert_allclose(out[:, 1:], signal, rtol=1e-9, atol=1e-9)

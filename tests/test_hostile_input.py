@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cytometry.analysis import AnalysisOptions, analyze_file
-from cytometry.fcs import FcsError, FcsSample, check_header, read_fcs
-from cytometry.simulate import simulate_tube, write_tube
+from cytometry.loading.fcs import FcsError, FcsSample, check_header, read_fcs
+from cytometry.simulation.simulate import simulate_tube, write_tube
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_fuzz_finding_unicode_digit_offset(tmp_path):
 
 def test_keywords_and_ids_never_become_paths(tmp_path):
     """A crafted $FIL or subject ID cannot choose where outputs are written."""
-    from cytometry.cli import main
+    from cytometry.outputs.cli import main
 
     tube = simulate_tube("car", seed=9, blood_volume_ul=1.0)
     tube.metadata["$FIL"] = "../../escaped.fcs"

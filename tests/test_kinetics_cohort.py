@@ -15,17 +15,17 @@ import sys
 import numpy as np
 import pytest
 
-from cytometry.cohort import (SUBJECTS, VISIT_DAYS, SubjectSpec, check_unambiguous, make_cohort,
+from cytometry.simulation.cohort import (SUBJECTS, VISIT_DAYS, SubjectSpec, check_unambiguous, make_cohort,
                               select_subjects)
 from cytometry.counts import bead_count
-from cytometry.subjects import persistence, t_cell_crosscheck
+from cytometry.decisions.subjects import persistence, t_cell_crosscheck
 
 SEED = 2113
 PART = ("fast", "incomplete_aplasia", "recovery")
 
 
 def _cli(*args):
-    result = subprocess.run([sys.executable, "-m", "cytometry.cli", *map(str, args)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "cytometry.outputs.cli", *map(str, args)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 

@@ -5,9 +5,9 @@ import shutil
 import pytest
 
 from cytometry.analysis import AnalysisOptions
-from cytometry.batch import run_batch
-from cytometry.cli import main
-from cytometry.manifest import ManifestError, read_manifest, suggest_column, validate_manifest
+from cytometry.batch.run import run_batch
+from cytometry.outputs.cli import main
+from cytometry.loading.manifest import ManifestError, read_manifest, suggest_column, validate_manifest
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Metamorphic tests: properties of the whole pipeline that hold for any tube.
 
-Each test transforms a tube at the FCS level (:mod:`cytometry.metamorphic`),
+Each test transforms a tube at the FCS level (:mod:`cytometry.simulation.metamorphic`),
 writes the result as a real FCS file, gates it again through the public API
 (:func:`cytometry.analysis.gate_file`, or :func:`~cytometry.analysis.analyze_file`
 for cells/µL) and compares the counts with what the transformation implies:
@@ -19,7 +19,7 @@ Tolerance ("beyond noise") — one rule for every population, file and property
 ----------------------------------------------------------------------------
 A count expected to be ``e`` events in a tube of ``N`` events may differ from
 ``e`` by at most ``max(5, 3·sqrt(N·p·(1 − p)))`` events, ``p = e / N``
-(:func:`cytometry.metamorphic.count_tolerance`): three binomial standard
+(:func:`cytometry.simulation.metamorphic.count_tolerance`): three binomial standard
 deviations, i.e. the change that re-drawing the same blood would make to the
 count anyway. A transformation that moves a count by less leaves the result
 inside its own counting noise; one that moves it by more changed the answer.
@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 
 from cytometry.analysis import AnalysisOptions, analyze_file, gate_file
-from cytometry.metamorphic import (
+from cytometry.simulation.metamorphic import (
     append_events,
     count_tolerance,
     dilute_population,
@@ -54,7 +54,7 @@ from cytometry.metamorphic import (
     write_table,
 )
 from cytometry.preprocess import compensate
-from cytometry.simulate import simulate_tube, write_tube
+from cytometry.simulation.simulate import simulate_tube, write_tube
 from gating import POPULATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def _require_population(tube, population):
 
 @pytest.mark.parametrize("name", TUBES)
 def test_rewriting_a_file_unchanged_changes_no_event(store, name):
-    """Reading and writing back through :mod:`cytometry.metamorphic` is exact.
+    """Reading and writing back through :mod:`cytometry.simulation.metamorphic` is exact.
 
     Every other test compares a rewritten file with the original, so the
     writer itself must change nothing: same raw values, same spillover, same

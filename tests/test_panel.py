@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from cytometry.panel import PanelError, match_marker, read_panel_file, resolve_panel
+from cytometry.loading.panel import PanelError, match_marker, read_panel_file, resolve_panel
 
 SCATTER = (["FSC-A", "FSC-H", "SSC-A", "Time"], ["", "", "", ""])
 TBNK = [("CD3", "FITC"), ("CD16+56", "PE"), ("CD45", "PerCP-Cy5.5"), ("CD4", "PE-Cy7"), ("CD19", "APC"),
@@ -86,7 +86,7 @@ def test_panel_file_with_unknown_channel(tmp_path):
 
 def test_real_file_markers(real_fcs):
     """A real BD FACSAria file: CD3/CD4/CD8/CD19 found, CD45 absent is reported by name."""
-    from cytometry.fcs import read_fcs
+    from cytometry.loading.fcs import read_fcs
 
     sample = read_fcs(real_fcs)
     with pytest.raises(PanelError, match="CD45 not found"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cytometry.analysis import AnalysisOptions, analyze_file
-from cytometry.cli import main
-from cytometry.metamorphic import read_table, write_table
-from cytometry.simulate import default_concentrations, simulate_tube, write_tube
+from cytometry.outputs.cli import main
+from cytometry.simulation.metamorphic import read_table, write_table
+from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
 from gating.panels import BUILTIN_PANEL_DIR, PanelDefinitionError, load_panel, load_panels
 
 PANEL_DIR = Path(__file__).with_name("panels")
@@ -49,7 +49,7 @@ def test_new_panel_is_one_file(tmp_path):
     assert result["panel"] == "bcell_enum"
     populations = result["populations"]
     assert set(populations) == {"leukocytes", "lymphocytes", "b_cells", "cd20_b_cells"}
-    from cytometry.simulate import LABEL_NAMES
+    from cytometry.simulation.simulate import LABEL_NAMES
 
     true_b = int((tube.labels == LABEL_NAMES.index("b_cell")).sum())
     assert abs(populations["b_cells"]["events"] - true_b) <= max(5, 0.05 * true_b)
@@ -92,7 +92,7 @@ def test_bad_panel_file_is_one_clear_line(tmp_path, capsys, spec, problem):
 
 def test_an_edited_gating_plan_analyses_again(tmp_path):
     """The results store keys on the panels' content: a changed plan is a changed parameter."""
-    from cytometry.store import params_hash
+    from cytometry.batch.store import params_hash
 
     folder = tmp_path / "panels"
     folder.mkdir()

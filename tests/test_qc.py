@@ -6,8 +6,8 @@ import numpy as np
 from gating.flags import Flag
 
 from cytometry.analysis import AnalysisOptions, analyze_file, gate_file
-from cytometry.qc import QcRules, review
-from cytometry.simulate import simulate_tube, write_tube
+from cytometry.decisions.qc import QcRules, review
+from cytometry.simulation.simulate import simulate_tube, write_tube
 
 OPTIONS = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
 

@@ -156,7 +156,7 @@ PYTHON_BLOCKS = [b for b in BLOCKS if b.info == "python"]
 def _cli(command: str) -> list[str]:
     argv = shlex.split(command)
     assert argv[0] == "cytometry", f"not a cytometry command: {command!r}"
-    return [sys.executable, "-m", "cytometry.cli", *argv[1:]]
+    return [sys.executable, "-m", "cytometry.outputs.cli", *argv[1:]]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """CAR detection reagents, viability dyes and NK markers by the names labs use, in three vendors' styles."""
 import pytest
 
-from cytometry.panel import PanelError, resolve_panel
+from cytometry.loading.panel import PanelError, resolve_panel
 
 CAR_REAGENTS = ["CAR", "CD19 CAR", "CD19-CAR", "CD19 CAR Detection Reagent", "anti-FMC63", "FMC63 idiotype",
                 "FMC63-id", "CD19-Fc", "CD19 Fc", "Protein L", "anti-CAR", "CAR19", "BCMA-CAR", "BCMA-Fc"]

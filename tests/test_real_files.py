@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cytometry.cli import main
+from cytometry.outputs.cli import main
 
 from conftest import SHARED_DATA
 

@@ -1,7 +1,7 @@
 """The HTML QC report and the subject commands reading a store."""
 import json
 
-from cytometry.cli import main
+from cytometry.outputs.cli import main
 
 
 def test_report_content_and_escaping(capsys, sample_dir, tmp_path):

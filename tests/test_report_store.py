@@ -11,10 +11,10 @@ import subprocess
 import h5py
 import pytest
 
-from cytometry.cli import main
-from cytometry.plots import GatingView, gating_figure, gating_steps
-from cytometry.report import population_rows
-from cytometry.store import REPORT_EVENTS, ResultStore
+from cytometry.outputs.cli import main
+from cytometry.outputs.plots import GatingView, gating_figure, gating_steps
+from cytometry.outputs.report import population_rows
+from cytometry.batch.store import REPORT_EVENTS, ResultStore
 
 LEGEND = re.compile(r"^(\w+): ([\d,]+) events")
 

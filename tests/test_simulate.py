@@ -9,8 +9,8 @@ import flowkit
 import numpy as np
 import pytest
 
-from cytometry import simulate
-from cytometry.simulate import (
+from cytometry.simulation import simulate
+from cytometry.simulation.simulate import (
     LABEL_NAMES,
     PANELS,
     default_concentrations,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cytometry.analysis import AnalysisOptions, gate_file
-from cytometry.batch import run_batch
-from cytometry.manifest import read_manifest
-from cytometry.store import ResultStore, params_hash
+from cytometry.batch.run import run_batch
+from cytometry.loading.manifest import read_manifest
+from cytometry.batch.store import ResultStore, params_hash
 
 TUBES = ["S01_screening_TBNK.fcs", "S02_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S01_day000_CAR.fcs",
          "S01_day010_CAR.fcs"]
@@ -93,7 +93,7 @@ def test_sigkill_loses_at_most_the_samples_in_flight(sample_dir, tmp_path, kill_
             shutil.copy(sample_dir / name, run_dir / name)
     shutil.copy(sample_dir / "manifest.csv", run_dir / "manifest.csv")
     store_dir = tmp_path / "store"
-    command = [sys.executable, "-m", "cytometry.cli", "analyze", str(run_dir), "--manifest",
+    command = [sys.executable, "-m", "cytometry.outputs.cli", "analyze", str(run_dir), "--manifest",
                str(run_dir / "manifest.csv"), "--out", str(store_dir), "--workers", "1", "--json"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once `kill_after` samples are stored (0: as soon as the store folder exists),
@@ -116,7 +116,7 @@ def test_sigkill_loses_at_most_the_samples_in_flight(sample_dir, tmp_path, kill_
     final = json.loads(finished.stdout)["samples"]
     assert len(final) == 14
     assert sum(bool(r.get("skipped")) for r in final) == len(partial)
-    fresh = subprocess.run([sys.executable, "-m", "cytometry.cli", "analyze", str(run_dir), "--manifest",
+    fresh = subprocess.run([sys.executable, "-m", "cytometry.outputs.cli", "analyze", str(run_dir), "--manifest",
                             str(run_dir / "manifest.csv"), "--json", "--workers", "1"], capture_output=True, text=True)
     assert counts_of(final) == counts_of(json.loads(fresh.stdout)["samples"])
 

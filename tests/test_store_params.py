@@ -6,9 +6,9 @@ import h5py
 import pytest
 
 from cytometry.analysis import AnalysisOptions
-from cytometry.cli import main
-from cytometry.store import (ParameterSetMismatch, ResultStore, StoreError, parameter_set_hash, params_hash)
-from cytometry.subjects import persistence, screening_decisions
+from cytometry.outputs.cli import main
+from cytometry.batch.store import (ParameterSetMismatch, ResultStore, StoreError, parameter_set_hash, params_hash)
+from cytometry.decisions.subjects import persistence, screening_decisions
 
 TUBES = ["S01_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S01_day000_CAR.fcs", "S01_day010_CAR.fcs",
          "S01_day014_CAR.fcs"]
@@ -93,8 +93,8 @@ def test_a_second_parameter_set_is_refused_and_replace_starts_again(capsys, samp
 def test_api_refuses_a_second_set(sample_dir, default_store, tmp_path):
     import shutil
 
-    from cytometry.batch import run_batch
-    from cytometry.manifest import read_manifest
+    from cytometry.batch.run import run_batch
+    from cytometry.loading.manifest import read_manifest
 
     store = tmp_path / "store"
     shutil.copytree(default_store, store)
@@ -197,7 +197,7 @@ def test_verbose_logs_on_stderr_and_quiet_keeps_stdout(capsys, sample_dir, defau
     assert code == 0 and quiet_err == ""
     code, verbose_out, verbose_err = analyze(capsys, sample_dir, default_store, "--verbose")
     assert code == 0
-    assert "INFO cytometry.batch:" in verbose_err and "0 to analyse" in verbose_err
+    assert "INFO cytometry.batch.run:" in verbose_err and "0 to analyse" in verbose_err
     code, plain_out, plain_err = analyze(capsys, sample_dir, default_store)
     assert "INFO" not in plain_err
     assert quiet_out == verbose_out == plain_out and "samples" in plain_out

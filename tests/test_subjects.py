@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cytometry.cli import main
-from cytometry.subjects import AplasiaRule, kinetics, safe_cell, screening_decisions, trapezoid_auc
+from cytometry.outputs.cli import main
+from cytometry.decisions.subjects import AplasiaRule, kinetics, safe_cell, screening_decisions, trapezoid_auc
 
 
 def screening(file, day, verdict, value=6.0, subject="S1", status="ok"):
@@ -78,7 +78,7 @@ def persistence_json(sample_dir, tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("persistence")
-    result = subprocess.run([sys.executable, "-m", "cytometry.cli", "persistence", str(sample_dir), "--manifest",
+    result = subprocess.run([sys.executable, "-m", "cytometry.outputs.cli", "persistence", str(sample_dir), "--manifest",
                              str(sample_dir / "manifest.csv"), "--json", "--plots", str(out),
                              "--csv", str(out / "timeline.csv")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -13,8 +13,8 @@ import zipfile
 
 import pytest
 
-from cytometry.cli import main
-from cytometry.fcs import FcsError, FcsSample, read_fcs
+from cytometry.outputs.cli import main
+from cytometry.loading.fcs import FcsError, FcsSample, read_fcs
 
 
 @pytest.fixture(scope="module")

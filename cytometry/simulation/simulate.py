@@ -92,6 +92,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import flowio
 import numpy as np
 
 __all__ = [
@@ -1060,7 +1061,7 @@ def simulate_tube(panel="tbnk", *, seed=0, concentrations=None, blood_volume_ul=
         "$FIL": "simulated.fcs",
         "$SRC": str(source),
         "$TIMESTEP": repr(_TIMESTEP_S),
-        "$COM": "Simulated lyse-no-wash bead-counting tube (cytometry.simulate) - truth in the truth folder",
+        "$COM": "Simulated lyse-no-wash bead-counting tube (cytometry.simulation.simulate) - truth in the truth folder",
         "TUBE NAME": str(tube_name),
         spill_keyword: _format_spill(fl_names, s_file),
     }
@@ -1172,7 +1173,6 @@ def _format_spill(names, matrix) -> str:
 
 def _encode_fcs(events, pnn, pns, metadata) -> bytes:
     """FCS 3.1 bytes via flowio, with keywords under their intended names."""
-    import flowio
 
     meta = dict(metadata)
     for key, value in meta.items():
@@ -1389,8 +1389,8 @@ def _folder_size(folder: Path) -> int:
 # ---------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    """``python -m cytometry.simulate {sample-set,tube} ...``."""
-    ap = argparse.ArgumentParser(prog="python -m cytometry.simulate",
+    """``python -m cytometry.simulation.simulate {sample-set,tube} ...``."""
+    ap = argparse.ArgumentParser(prog="python -m cytometry.simulation.simulate",
                                  description="Write simulated bead-counting FCS files with truth.")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample-set", help="write the committed sample set and manifest.csv")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gating.panels import load_panels
+
 #: Canonical marker → accepted names (compared after normalisation, see
 #: :func:`normalise_label`), gathered from the panel files of
 #: :mod:`gating.panels` (each panel says how labs name its reagents).
@@ -41,7 +43,6 @@ def available_panels(extra_dirs=()):
     >>> sorted(available_panels())
     ['car', 'tbnk']
     """
-    from gating.panels import load_panels
 
     return load_panels(extra_dirs)
 

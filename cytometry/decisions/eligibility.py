@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cytometry.outputs.formatting import interval_text
+
 DEFAULT_THRESHOLD_CELLS_PER_UL = 5.0
 DEFAULT_CRITERION = "CD19+ B cells > 5 cells/uL"
 
@@ -65,13 +67,13 @@ def decide(count, rule=None, qc_problems=()):
     low, high = count.ci95
     if low > threshold:
         out["verdict"] = "eligible"
-        out["reasons"].append(f"95% interval {low:.3g}–{high:.3g} lies above {threshold:g} cells/uL")
+        out["reasons"].append(f"95% interval {interval_text((low, high))} lies above {threshold:g} cells/uL")
     elif high <= threshold:
         out["verdict"] = "not_eligible"
-        out["reasons"].append(f"95% interval {low:.3g}–{high:.3g} lies at or below {threshold:g} cells/uL")
+        out["reasons"].append(f"95% interval {interval_text((low, high))} lies at or below {threshold:g} cells/uL")
     else:
         out["verdict"] = "indeterminate"
-        out["reasons"].append(f"95% interval {low:.3g}–{high:.3g} straddles {threshold:g} cells/uL")
+        out["reasons"].append(f"95% interval {interval_text((low, high))} straddles {threshold:g} cells/uL")
         out["reasons"].append(_what_would_settle(count, threshold))
     return out
 

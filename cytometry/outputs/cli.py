@@ -20,7 +20,19 @@ from pathlib import Path
 # Figures are files here (report, --plots): no display is needed or wanted.
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from ._version import __version__
+from cytometry._version import __version__
+from cytometry.analysis import AnalysisOptions
+from cytometry.batch.run import default_workers, run_batch
+from cytometry.batch.store import ResultStore, StoreError
+from cytometry.decisions.subjects import (ELIGIBILITY_COLUMNS, PERSISTENCE_COLUMNS, AplasiaRule, crosscheck_text,
+                                          persistence, persistence_csv_rows, save_kinetics_figure, screening_decisions,
+                                          write_csv)
+from cytometry.loading.fcs import FcsError, read_fcs
+from cytometry.loading.manifest import ManifestError, check_manifest, read_manifest
+from cytometry.loading.panel import PanelError, match_marker, resolve_panel
+from cytometry.outputs.formatting import count_text, format_sig, interval_text
+from cytometry.outputs.report import write_report
+from gating.panels import PanelDefinitionError, load_panels
 
 EXIT_OK, EXIT_SAMPLE_FAILED, EXIT_USAGE = 0, 1, 2
 logger = logging.getLogger(__name__)
@@ -93,20 +105,11 @@ def _day(result):
 
 
 def _cell(count):
-    if not count:
-        return ""
-    if count.get("cells_per_ul") is None:
-        # No counting method: the gated events still say what was found.
-        return f"{count['events']} events{'' if count.get('reliable', True) else ' UNRELIABLE'}"
-    text = f"{count['cells_per_ul']:.3g} [{count['ci95'][0]:.3g}-{count['ci95'][1]:.3g}]"
-    return f"<LLOQ {text}" if count["below_lloq"] else text
+    return count_text(count)
 
 
 def _analyse_run(args):
     """Analyse the files of a run (shared by analyze, eligibility and persistence)."""
-    from .analysis import AnalysisOptions
-    from .manifest import ManifestError, check_manifest, read_manifest
-    from .store import StoreError
 
     manifest = None
     if args.manifest:
@@ -118,7 +121,6 @@ def _analyse_run(args):
         value = getattr(args, option)
         if value and not Path(value).is_file():
             raise UsageError(f"{value}: --{option} file not found")
-    from gating.panels import PanelDefinitionError, load_panels
 
     try:
         load_panels(args.panels)  # a broken panel file is one line here, not one per sample
@@ -140,7 +142,6 @@ def _analyse_run(args):
             check_manifest(manifest, files, folders, options, allow_unlisted=allow_unlisted)
         except ManifestError as exc:
             raise UsageError(str(exc)) from None
-    from .batch import default_workers, run_batch
 
     def report_error(result):
         if result["status"] == "error":
@@ -198,7 +199,6 @@ def _pop(result, population, field, index=None):
 def cmd_analyze(args):
     results = _analyse_run(args)
     if args.csv:
-        from .subjects import write_csv
 
         write_csv(args.csv, SAMPLE_COLUMNS, results)
         logger.info("wrote %d rows to %s", len(results), args.csv)
@@ -210,10 +210,6 @@ def cmd_analyze(args):
         failed = sum(r["status"] == "error" for r in results)
         print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed")
     return _exit_code(results)
-
-
-def _ci_text(ci):
-    return f"[{ci[0]:.3g}-{ci[1]:.3g}]" if ci else ""
 
 
 def _subject_results(args):
@@ -229,7 +225,6 @@ def _subject_results(args):
 
 def _store_results(path, args=None):
     """The results of the store's one parameter set; a line on stderr names it (not with ``--quiet``)."""
-    from .store import ResultStore, StoreError
 
     if not (Path(path) / "samples").is_dir():
         raise UsageError(f"{path}: not a results store (no samples/ folder)")
@@ -245,7 +240,6 @@ def _store_results(path, args=None):
 
 
 def cmd_report(args):
-    from .report import write_report
 
     if not _store_results(args.store, args):  # a clear error for a path that is not a store
         raise UsageError(f"{args.store}: the results store holds no samples; nothing to report")
@@ -263,7 +257,6 @@ def _document(args, document):
 
 
 def cmd_eligibility(args):
-    from .subjects import ELIGIBILITY_COLUMNS, screening_decisions, write_csv
 
     results = _subject_results(args)
     rows = screening_decisions(results)
@@ -275,7 +268,7 @@ def cmd_eligibility(args):
     else:
         print(f"{'subject':10s} {'verdict':14s} {'B cells/uL [95% CI]':26s} {'events':>6s}  deciding tube")
         for row in rows:
-            value = "" if row["value"] is None else f"{row['value']:.3g} {_ci_text(row['ci95'])}"
+            value = "" if row["value"] is None else f"{format_sig(row['value'])} {interval_text(row['ci95'])}"
             events = "" if row["events"] is None else str(row["events"])
             print(f"{row['subject_id']:10s} {row['verdict']:14s} {value:26s} {events:>6s}  "
                   f"{Path(row['file']).name}")
@@ -286,8 +279,6 @@ def cmd_eligibility(args):
 
 
 def cmd_persistence(args):
-    from .subjects import (PERSISTENCE_COLUMNS, AplasiaRule, crosscheck_text, persistence, persistence_csv_rows,
-                           save_kinetics_figure, write_csv)
 
     results = _subject_results(args)
     subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold))
@@ -305,14 +296,12 @@ def cmd_persistence(args):
         print(f"  {'day':>5s}  {'CAR+ T/uL [95% CI]':28s} {'B cells/uL':12s} flags")
         for point in subject["timeline"]:
             car, b = point.get("car_t"), point.get("b_cells")
-            car_text = "" if not car else \
-                f"{'<LLOQ ' if car['below_lloq'] else ''}{car['cells_per_ul']:.3g} {_ci_text(car['ci95'])}"
-            b_text = "" if not b else f"{'<LLOQ ' if b['below_lloq'] else ''}{b['cells_per_ul']:.3g}"
+            car_text, b_text = count_text(car), count_text(b, interval=False)
             print(f"  {str(point['study_day']):>5s}  {car_text:28s} {b_text:12s} {'; '.join(point['qc_flags'])[:60]}")
         cmax = "none quantifiable" if subject["cmax"] is None else \
-            f"{subject['cmax']:.3g}/uL on day {subject['tmax_day']}"
-        auc = "-" if subject["auc_0_28"] is None else f"{subject['auc_0_28']:.4g} cells/uL x day"
-        last = "-" if subject["clast"] is None else f"{subject['clast']:.3g}/uL on day {subject['tlast_day']}"
+            f"{format_sig(subject['cmax'])}/uL on day {subject['tmax_day']}"
+        auc = "-" if subject["auc_0_28"] is None else f"{format_sig(subject['auc_0_28'], 4)} cells/uL x day"
+        last = "-" if subject["clast"] is None else f"{format_sig(subject['clast'])}/uL on day {subject['tlast_day']}"
         print(f"  Cmax {cmax}; AUC(0-28 d) {auc}; last quantifiable {last}")
         onset = subject["aplasia_onset_day"]
         if onset is None:
@@ -330,8 +319,6 @@ def cmd_persistence(args):
 
 def inspect_file(path):
     """What ``cytometry inspect --json`` prints for one file (raises FcsError)."""
-    from .fcs import read_fcs
-    from .panel import PanelError, match_marker, resolve_panel
 
     sample = read_fcs(path)
     channels = []
@@ -356,7 +343,6 @@ def inspect_file(path):
 
 
 def cmd_inspect(args):
-    from .fcs import FcsError
 
     try:
         info = inspect_file(args.file)

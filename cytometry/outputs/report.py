@@ -16,7 +16,7 @@ exact gating that produced the counts, wherever it is run from:
   sign-off line.
 
 Numbers measured from events are rounded to three significant figures
-(:func:`cytometry.formatting.format_sig`); event counts are exact. A print
+(:func:`cytometry.outputs.formatting.format_sig`); event counts are exact. A print
 stylesheet keeps each sample on its own pages when printed to PDF. Every
 value that comes from a file, a manifest or a keyword is HTML-escaped.
 """
@@ -30,8 +30,14 @@ import logging
 import sys
 from pathlib import Path
 
-from ._version import __version__
-from .formatting import format_sig
+import matplotlib.pyplot as plt
+from tqdm import tqdm
+
+from cytometry._version import __version__
+from cytometry.batch.store import ResultStore
+from cytometry.decisions.subjects import crosscheck_text, kinetics_figure, persistence, screening_decisions
+from cytometry.outputs.formatting import count_text, format_sig, interval_text
+from cytometry.outputs.plots import GatingView, gating_figure
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +82,6 @@ def _e(value):
 
 
 def _png(fig, dpi=100):
-    import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -84,24 +89,16 @@ def _png(fig, dpi=100):
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _ci(ci95):
-    return "" if not ci95 else f"[{format_sig(ci95[0])}–{format_sig(ci95[1])}]"
-
-
 def _count_text(count):
     """One population's count for the summary table: value [95% CI] (events), LLOQ and reliability said."""
     if not count:
         return ""
+    text = _e(count_text(count)).replace("UNRELIABLE", "<b>UNRELIABLE</b>", 1)
     if count.get("cells_per_ul") is None:
-        text = _e(f"{count['events']:,} ev, no count")
-        return text + ("" if count.get("reliable", True) else " <b>UNRELIABLE</b>")
-    if count.get("reliable") is False:
-        return "<b>UNRELIABLE</b> " + _count_text({**count, "reliable": True})
+        return text
     # The value and its interval stay on one line; the events go below.
-    value = ("&lt;LLOQ " if count.get("below_lloq") else "") + _e(f"{format_sig(count['cells_per_ul'])} "
-                                                                   f"{_ci(count['ci95'])}")
     events = _e(f"({count['events']:,} ev)")
-    return f'<span class="nowrap">{value}</span> <span class="nowrap">{events}</span>'
+    return f'<span class="nowrap">{text}</span> <span class="nowrap">{events}</span>'
 
 
 
@@ -180,7 +177,7 @@ def population_rows(result):
         rows.append({"population": name, "depth": depth, "events": int(entry["events"]), "parent": entry.get("parent"),
                      "pct_of_parent": format_sig(entry.get("pct_of_parent")),
                      "pct_of_total": format_sig(100.0 * entry["events"] / total) if total else "",
-                     "cells_per_ul": value, "ci95": _ci(entry.get("ci95")),
+                     "cells_per_ul": value, "ci95": interval_text(entry.get("ci95")),
                      "lloq_events": "" if lloq is None else f"{lloq:g}", "reliable": entry.get("reliable", True), "flags": flags})
     return rows
 
@@ -274,7 +271,6 @@ def _audit(result, provenance, parameter_set):
 
 def _sample_section(result, store, parameter_set, figures):
     """One sample's section and whether its gating figure was drawn."""
-    from .plots import GatingView, gating_figure
 
     name = Path(str(result.get("file", ""))).name
     day = result.get("study_day")
@@ -345,10 +341,6 @@ def _progress(total, progress):
     """A tqdm bar on stderr (on a terminal by default), or nothing."""
     if progress is None:
         progress = sys.stderr.isatty()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency; a bare environment just goes without a bar
-        progress = False
     if not progress or total == 0:
         return None
     return tqdm(total=total, unit="sample", desc="report", file=sys.stderr)
@@ -366,7 +358,7 @@ def build_report(results, thumbnails=True, aplasia=None, store=None, parameter_s
         Draw each sample's gating figure (from ``store``).
     aplasia : optional
         The aplasia rule for the persistence section.
-    store : cytometry.store.ResultStore, optional
+    store : cytometry.batch.store.ResultStore, optional
         Where the figures' events, masks and provenance come from; without
         one, each sample says it has no figure.
     parameter_set : str, optional
@@ -386,7 +378,6 @@ def build_report(results, thumbnails=True, aplasia=None, store=None, parameter_s
     >>> "<h1>Cytometry QC report</h1>" in text and "@media print" in text
     True
     """
-    from .subjects import crosscheck_text, kinetics_figure, persistence, screening_decisions
 
     results = sorted(results, key=sort_key)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Cytometry QC report</title>"
@@ -402,7 +393,7 @@ def build_report(results, thumbnails=True, aplasia=None, store=None, parameter_s
         parts.append("<table><tr><th>subject</th><th>verdict</th><th>CD19+ B cells/µL [95% CI]</th><th>events</th>"
                      "<th>deciding tube</th><th>reasons</th></tr>")
         for row in rows:
-            value = "" if row["value"] is None else f"{format_sig(row['value'])} {_ci(row['ci95'])}"
+            value = "" if row["value"] is None else f"{format_sig(row['value'])} {interval_text(row['ci95'])}"
             parts.append(f"<tr class='{_e(row['verdict'])}'><td>{_e(row['subject_id'])}</td><td>{_e(row['verdict'])}"
                          f"</td><td class='num'>{_e(value)}</td><td class='num'>{_e(row['events'])}</td>"
                          f"<td>{_e(Path(row['file']).name)}</td>"
@@ -478,7 +469,7 @@ def write_report(store_path, out_dir, thumbnails=True, progress=None, summary=No
     """Write ``out_dir/report.html`` for the store at ``store_path``, from the store alone; returns the path.
 
     The store's one parameter set is reported (a store holding several is
-    refused, :class:`cytometry.store.StoreError`). Samples whose entry holds
+    refused, :class:`cytometry.batch.store.StoreError`). Samples whose entry holds
     no events get a line saying so instead of a figure, and a warning is
     logged naming how many.
 
@@ -497,8 +488,8 @@ def write_report(store_path, out_dir, thumbnails=True, progress=None, summary=No
     Examples
     --------
     >>> import tempfile
-    >>> from cytometry.batch import run_batch
-    >>> from cytometry.manifest import read_manifest
+    >>> from cytometry.batch.run import run_batch
+    >>> from cytometry.loading.manifest import read_manifest
     >>> d = tempfile.TemporaryDirectory()
     >>> _ = run_batch(["sample_fcs/S03_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
     ...               store=f"{d.name}/run.store", workers=1)
@@ -506,7 +497,6 @@ def write_report(store_path, out_dir, thumbnails=True, progress=None, summary=No
     'report.html'
     >>> d.cleanup()
     """
-    from .store import ResultStore
 
     store = ResultStore(store_path)
     parameter_set, results = store.one_parameter_set()  # exactly one parameter set (StoreError if mixed)

@@ -19,13 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.patches as patches
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter
 
+from cytometry.outputs.formatting import format_sig
+from cytometry.preprocess import LOGICLE_DEFAULTS
 from gating.geometry import Dimension, Gate, axis_values
+from gating.panels import is_fluorescence
 from gpu.logicle import logicle
-
-from .formatting import format_sig
-from .preprocess import LOGICLE_DEFAULTS
 
 #: (x, y or None, parent mask, gate names drawn) for each panel, TBNK and CAR.
 _STEPS = [
@@ -45,7 +50,6 @@ _COLOURS = {"lymphocytes": "tab:red", "monocytes": "tab:green", "granulocytes": 
             "nk_cells": "tab:purple"}
 
 
-_SCATTER = ("FSC-A", "FSC-H", "SSC-A", "Time")
 
 
 @dataclass
@@ -89,7 +93,6 @@ class GatingView:
     @classmethod
     def from_gated(cls, gated, title=None):
         """The view of a live :class:`cytometry.analysis.GatedSample` (every event drawn)."""
-        from .analysis import _channel_top
 
         gating = gated.gating
         masks = gating.masks
@@ -97,7 +100,7 @@ class GatingView:
         parents.update({name: gating.parent_of(name) for name in gating.populations})
         return cls(data=gated.data, channels=dict(gated.channels), masks=masks,
                    counts={name: int(mask.sum()) for name, mask in masks.items()}, gates=list(gating.gates),
-                   parents=parents, tops={name: _channel_top(gated.sample, column)
+                   parents=parents, tops={name: gated.sample.channel_top(column)
                                           for name, column in gated.channels.items()},
                    n_events=gated.data.shape[0], title=title or Path(str(gated.sample.path)).name)
 
@@ -111,9 +114,9 @@ class GatingView:
         Examples
         --------
         >>> import tempfile
-        >>> from cytometry.batch import run_batch
-        >>> from cytometry.manifest import read_manifest
-        >>> from cytometry.store import ResultStore
+        >>> from cytometry.batch.run import run_batch
+        >>> from cytometry.loading.manifest import read_manifest
+        >>> from cytometry.batch.store import ResultStore
         >>> d = tempfile.TemporaryDirectory()
         >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
         ...               store=f"{d.name}/run.store", workers=1)
@@ -160,7 +163,7 @@ def gate_from_dict(value):
 def _axis(view, key):
     """Values of one axis for the drawn events, its label, and how its ticks are set."""
     if key == "bead_score":
-        fluorescence = [c for c in view.channels if c not in _SCATTER]
+        fluorescence = [c for c in view.channels if is_fluorescence(c)]
         values = view.data[:, [view.channels[c] for c in fluorescence]].min(axis=1)
         top = view.tops.get(fluorescence[0], 262144.0) if fluorescence else 262144.0
         return values, "dimmest fluorescence channel of each event", ("logicle", top)
@@ -178,7 +181,6 @@ def _decade_label(k):
 
 def _set_ticks(axis, scale, logicle_params):
     """Ticks in the instrument's units: decades on logicle and log axes, thousands on linear ones."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     kind, top = scale
     if kind == "logicle":
@@ -206,7 +208,6 @@ def _set_ticks(axis, scale, logicle_params):
 
 
 def _draw_gate(ax, gate, horizontal_key, vertical_key, colour):
-    import matplotlib.patches as patches
 
     if gate.shape == "polygon":
         ax.add_patch(patches.Polygon(np.asarray(gate.vertices), closed=True, fill=False, edgecolor=colour, lw=1.6))
@@ -321,10 +322,7 @@ def gating_figure(source, title=None):
     >>> fig.savefig(io.BytesIO(), format="png")     # or a file name: fig.savefig("S01_gating.png")
     """
     # No backend chosen here: a notebook keeps its inline figures, and the
-    # command line sets Agg before anything imports pyplot (cytometry.cli).
-    import matplotlib
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    # command line sets Agg before anything imports pyplot (cytometry.outputs.cli).
 
     view = source if isinstance(source, GatingView) else GatingView.from_gated(source, title)
     gates = {g.name: g for g in view.gates}
@@ -392,7 +390,6 @@ def save_gating_figure(gated, out_dir, title=None):
     The name comes from the FCS file's own name on disk (never from keywords
     inside the file), so a crafted ``$FIL`` cannot choose where it is written.
     """
-    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

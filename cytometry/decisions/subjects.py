@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+
+from cytometry.outputs.formatting import count_text, format_sig
 
 SCREENING_RULE = ("latest screening tube with a valid verdict decides; qc_fail tubes never override a valid one; "
                   "a re-acquisition supersedes an earlier indeterminate tube")
@@ -353,8 +357,8 @@ def crosscheck_text(check):
     a, b = check["tbnk"], check["car"]
     verdict = (f"DISAGREE beyond counting noise (p = {check['p_value']:.2g} < {check['alpha']:g})" if check["flagged"]
                else f"agree within counting noise (p = {check['p_value']:.2g})")
-    return (f"{head}: TBNK {Path(a['file']).name} {a['cells_per_ul']:.4g} [{a['ci95'][0]:.4g}-{a['ci95'][1]:.4g}] vs "
-            f"CAR tube {Path(b['file']).name} {b['cells_per_ul']:.4g} [{b['ci95'][0]:.4g}-{b['ci95'][1]:.4g}] "
+    return (f"{head}: TBNK {Path(a['file']).name} {count_text(a)} vs "
+            f"CAR tube {Path(b['file']).name} {count_text(b)} "
             f"T cells/uL ({check['difference_pct']:+.1f}%, z = {check['z']:.2f}): {verdict}")
 
 
@@ -561,8 +565,7 @@ def kinetics_figure(subject):
     matplotlib.figure.Figure
     """
     # No backend chosen here: a notebook keeps its inline figures, and the
-    # command line sets Agg before anything imports pyplot (cytometry.cli).
-    import matplotlib.pyplot as plt
+    # command line sets Agg before anything imports pyplot (cytometry.outputs.cli).
 
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     floor = 0.05  # where zero and < LLOQ values are drawn on a log axis
@@ -602,10 +605,10 @@ def kinetics_figure(subject):
                        label="B-cell aplasia")
     axes[1].set_xlabel("study day")
     cmax = subject.get("cmax")
-    title = f"{subject['subject_id']}: Cmax {cmax:.3g}/uL on day {subject.get('tmax_day')}" if cmax else \
+    title = f"{subject['subject_id']}: Cmax {format_sig(cmax)}/uL on day {subject.get('tmax_day')}" if cmax else \
         f"{subject['subject_id']}: no quantifiable CAR+ value"
     if subject.get("auc_0_28") is not None:
-        title += f", AUC0-28 {subject['auc_0_28']:.4g} cells/uL x day"
+        title += f", AUC0-28 {format_sig(subject['auc_0_28'], 4)} cells/uL x day"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -613,9 +616,7 @@ def kinetics_figure(subject):
 
 def save_kinetics_figure(subject, out_dir):
     """Write ``<subject>.kinetics.png`` (the name made file-safe) and return its path."""
-    import re
 
-    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ The oracle for the persistence claims (Cmax, Tmax, AUC(0-28 d), Clast/Tlast,
 B-cell aplasia onset and recovery, TBNK/CAR T-cell agreement). Each subject
 has CAR tubes on days 0 (pre-infusion), 4, 7, 10, 14, 21, 28, 56 and 84,
 and TBNK tubes from the same blood on some of those days. The tubes are
-made by :func:`cytometry.simulate.simulate_tube` and written by
-:func:`cytometry.simulate.write_tube` (``truth/<file>.json`` beside each
+made by :func:`cytometry.simulation.simulate.simulate_tube` and written by
+:func:`cytometry.simulation.simulate.write_tube` (``truth/<file>.json`` beside each
 file); the cohort adds ``manifest.csv`` (the column layout of the committed
 sample set) and ``cohort_truth.json``.
 
@@ -46,7 +46,7 @@ fluorescence detector's gain multiplied by one ratio drawn log-uniform in
 Truth conventions
 -----------------
 ``kinetics`` (per subject) is computed from the **true blood
-concentrations** with :func:`cytometry.subjects.kinetics` itself, so every
+concentrations** with :func:`cytometry.decisions.subjects.kinetics` itself, so every
 convention is the analysis' own (Cmax/Tmax over quantifiable values, linear
 trapezoid over the visits in [0, 28] days with below-LLOQ values as 0,
 Clast/Tlast the last quantifiable value, aplasia = B cells < 1 cell/uL after
@@ -79,7 +79,7 @@ for the lot's 50120), so its T cells/uL are 20 % low;
 
 Command line::
 
-    python -m cytometry.cohort OUT_DIR [--seed N] [--subjects fast,recovery]
+    python -m cytometry.simulation.cohort OUT_DIR [--seed N] [--subjects fast,recovery]
 """
 from __future__ import annotations
 
@@ -95,8 +95,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .simulate import PANELS, _MANIFEST_COLUMNS, _fmt_number, simulate_tube, write_tube
-from .subjects import AplasiaRule, kinetics
+from cytometry.decisions.subjects import AplasiaRule, kinetics
+from cytometry.simulation.simulate import _MANIFEST_COLUMNS, PANELS, _fmt_number, simulate_tube, write_tube
 
 __all__ = ["SubjectSpec", "SUBJECTS", "BACKGROUND", "VISIT_DAYS", "make_cohort", "check_unambiguous",
            "visit_concentrations", "true_kinetics", "main"]
@@ -200,7 +200,7 @@ def singlet_probability(doublet_rate=DOUBLET_RATE):
 
 
 def visit_concentrations(spec, day, panel="car"):
-    """True cells/uL of one visit, in :func:`cytometry.simulate.simulate_tube`'s leaf keys.
+    """True cells/uL of one visit, in :func:`cytometry.simulation.simulate.simulate_tube`'s leaf keys.
 
     The TBNK tube is the same blood without the CAR reagent and viability dye:
     CAR+ T cells are ordinary CD3+ T cells there, and there are no dead cells
@@ -367,7 +367,7 @@ def make_cohort(out_dir, seed=2113, subjects=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = select_subjects(subjects)
     rows = []
-    doc = {"generator": "cytometry.cohort", "seed": int(seed), "lloq_events": LLOQ_EVENTS,
+    doc = {"generator": "cytometry.simulation.cohort", "seed": int(seed), "lloq_events": LLOQ_EVENTS,
            "aplasia_rule": AplasiaRule().as_dict(),
            "truth_conventions": ("kinetics: from the true blood concentrations, quantifiable when the expected "
                                  f"singlet events reach {LLOQ_EVENTS}; kinetics_tube: from the singlet events a "
@@ -576,8 +576,8 @@ def compare_to_truth(truth, subjects, tolerance=0.2):
 
 
 def main(argv=None):
-    """``python -m cytometry.cohort OUT_DIR [--seed N] [--subjects ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m cytometry.cohort",
+    """``python -m cytometry.simulation.cohort OUT_DIR [--seed N] [--subjects ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m cytometry.simulation.cohort",
                                      description="Write a simulated CAR-T cohort with known kinetics "
                                                  "(FCS files, manifest.csv, cohort_truth.json).")
     parser.add_argument("out_dir")

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cytometry.analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, car_reference_of, gate_file,
+                                with_car_reference)
+from cytometry.simulation.simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
+from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
 from gating import POPULATIONS
-
-from .analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, car_reference_of, gate_file,
-                       with_car_reference)
-from .simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
-from .simulate import default_concentrations, simulate_tube, write_tube
 
 #: Which truth labels make up each reported population (the simulator's own
 #: map, plus the beads; CAR+ CD4/CD8 sub-populations are not reported).

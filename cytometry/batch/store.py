@@ -65,7 +65,13 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pandas as pd
+
+from cytometry._version import __version__
+from cytometry.analysis import export_gating
+from gating.panels import PanelDefinitionError, load_panels
 
 #: Events kept per sample for the report's figures when not every event is stored. 20,000 events of
 #: 10-11 channels cost about 0.6 MB per sample (float32, gzip); the counts come from the full-file masks
@@ -100,7 +106,6 @@ def params_hash(options):
     >>> params_hash(AnalysisOptions()) == params_hash(AnalysisOptions(lloq_events=20))
     False
     """
-    from . import __version__
 
     reference = options.gating.car_reference
     values = asdict(replace(options, gating=replace(options.gating, car_reference=None)))
@@ -118,7 +123,6 @@ def params_hash(options):
             values[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     # The panels and their gating plans are data: an edited plan (built in,
     # in CYTOMETRY_PANELS or in panel_dirs) must analyse the samples again.
-    from gating.panels import PanelDefinitionError, load_panels
 
     try:
         panels = {name: panel.as_dict() for name, panel in load_panels(options.panel_dirs).items()}
@@ -186,8 +190,8 @@ class ResultStore:
     Examples
     --------
     >>> import tempfile
-    >>> from cytometry.batch import run_batch
-    >>> from cytometry.manifest import read_manifest
+    >>> from cytometry.batch.run import run_batch
+    >>> from cytometry.loading.manifest import read_manifest
     >>> d = tempfile.TemporaryDirectory()
     >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
     ...               store=f"{d.name}/run.store", workers=1)
@@ -228,7 +232,6 @@ class ResultStore:
 
     def record_parameter_set(self, set_hash, options=None):
         """Write ``parameters.json`` atomically (the store's one parameter set)."""
-        from . import __version__
 
         record = {"parameter_set": set_hash, "software_version": __version__,
                   "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
@@ -273,7 +276,7 @@ class ResultStore:
         >>> store.claim(AnalysisOptions(lloq_events=10))
         Traceback (most recent call last):
         ...
-        cytometry.store.ParameterSetMismatch: ...
+        cytometry.batch.store.ParameterSetMismatch: ...
         """
         wanted = parameter_set_hash(options)
         if replace_results:
@@ -329,7 +332,6 @@ class ResultStore:
         >>> ResultStore(tempfile.mkdtemp()).one_parameter_set()
         (None, [])
         """
-        import h5py
 
         record = self.recorded_parameter_set()
         recorded = record["parameter_set"] if record else None
@@ -386,7 +388,6 @@ class ResultStore:
             :func:`event_sample` (events, column names, channel tops and the
             rows kept), which the report can draw from.
         """
-        import h5py
 
         sha = result.get("sha256") or hashlib.sha256(str(result["file"]).encode()).hexdigest()
         target = self.entry_path(sha, params)
@@ -448,7 +449,6 @@ class ResultStore:
                 if params is None or entry.stem.endswith(f"-{params}")]
 
     def _read(self, entry):
-        import h5py
 
         try:
             with h5py.File(entry, "r") as h5:
@@ -461,7 +461,6 @@ class ResultStore:
 
     def results_for(self, entry):
         """The JSON result of one entry (a path or a name)."""
-        import h5py
 
         entry = self.samples / Path(entry).name
         with h5py.File(entry, "r") as h5:
@@ -471,7 +470,6 @@ class ResultStore:
 
     def masks(self, entry_name):
         """The event masks of one entry, unpacked (population → bool array)."""
-        import h5py
 
         with h5py.File(self.samples / entry_name, "r") as h5:
             return {name: np.unpackbits(data[()])[:data.attrs["n_events"]].astype(bool)
@@ -479,7 +477,6 @@ class ResultStore:
 
     def gatingml(self, entry_name):
         """The GatingML text of one entry."""
-        import h5py
 
         with h5py.File(self.samples / entry_name, "r") as h5:
             return bytes(h5["gatingml"][()]).decode()
@@ -490,7 +487,6 @@ class ResultStore:
         Columns: ``file, subject_id, study_day, panel, status, population,
         events, cells_per_ul, ci95_low, ci95_high, below_lloq, method``.
         """
-        import pandas as pd
 
         rows = []
         for result in self.results(params):
@@ -523,8 +519,8 @@ class ResultStore:
         Examples
         --------
         >>> import tempfile
-        >>> from cytometry.batch import run_batch
-        >>> from cytometry.manifest import read_manifest
+        >>> from cytometry.batch.run import run_batch
+        >>> from cytometry.loading.manifest import read_manifest
         >>> d = tempfile.TemporaryDirectory()
         >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
         ...               store=f"{d.name}/run.store", workers=1)
@@ -534,7 +530,6 @@ class ResultStore:
         (True, ['CD16+56', 'CD19'])
         >>> d.cleanup()
         """
-        import h5py
 
         with h5py.File(self.samples / Path(entry_name).name, "r") as h5:
             if "events" not in h5 or "columns" not in h5["events"].attrs:
@@ -562,8 +557,8 @@ class ResultStore:
         Examples
         --------
         >>> import tempfile
-        >>> from cytometry.batch import run_batch
-        >>> from cytometry.manifest import read_manifest
+        >>> from cytometry.batch.run import run_batch
+        >>> from cytometry.loading.manifest import read_manifest
         >>> d = tempfile.TemporaryDirectory()
         >>> _ = run_batch(["sample_fcs/S01_screening_TBNK.fcs"], read_manifest("sample_fcs/manifest.csv"),
         ...               store=f"{d.name}/run.store", workers=1)
@@ -572,7 +567,6 @@ class ResultStore:
         'FACSCanto II'
         >>> d.cleanup()
         """
-        import h5py
 
         with h5py.File(self.samples / Path(entry_name).name, "r") as h5:
             out = {key: h5.attrs[key] for key in ("sha256", "params_hash", "software_version", "file_name",
@@ -609,13 +603,12 @@ def event_sample(gated, limit=REPORT_EVENTS, seed=0):
     >>> kept["events"].shape[0], kept["n_events"]
     (1000, 24123)
     """
-    from .analysis import _channel_top
 
     data = gated.data
     names = list(gated.sample.pnn)
     for name, column in gated.channels.items():
         names[column] = name  # the marker or scatter name the gates use
-    tops = [_channel_top(gated.sample, i) for i in range(data.shape[1])]
+    tops = [gated.sample.channel_top(i) for i in range(data.shape[1])]
     index = None
     if limit is not None and data.shape[0] > limit:
         index = np.sort(np.random.default_rng(seed).choice(data.shape[0], size=limit, replace=False))
@@ -635,7 +628,6 @@ def _json_default(value):
 
 def gatingml_bytes(gated):
     """GatingML text of a gated sample (for the store)."""
-    from .analysis import export_gating
 
     buffer = io.BytesIO()
     export_gating(gated, buffer)

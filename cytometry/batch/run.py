@@ -13,12 +13,18 @@ import hashlib
 import logging
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .analysis import AnalysisOptions, CarReferences, analyze_file
-from .fcs import file_sha256
-from .manifest import check_manifest
-from .store import REPORT_EVENTS, ResultStore, event_sample, gatingml_bytes, parameter_set_hash, params_hash
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from cytometry.analysis import AnalysisOptions, CarReferences, analyze_file, export_gating
+from cytometry.batch.store import (REPORT_EVENTS, ResultStore, event_sample, gatingml_bytes, parameter_set_hash,
+                                   params_hash)
+from cytometry.loading.fcs import file_sha256
+from cytometry.loading.manifest import check_manifest
+from cytometry.outputs.plots import save_gating_figure
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +46,10 @@ def write_artifacts(gated, result, plots_dir=None, gatingml_dir=None):
 
     File names come from the FCS file's name on disk, never from keywords.
     """
-    from .analysis import export_gating
 
     path = gated.sample.path
     try:
         if plots_dir:
-            from .plots import save_gating_figure
 
             result["gating_figure"] = str(save_gating_figure(gated, plots_dir))
         if gatingml_dir:
@@ -119,15 +123,15 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
               replace=False, allow_unlisted=False):
     """Analyse ``files``; with a ``store``, skip what is done and write the rest as it finishes.
 
-    The manifest is checked first (:func:`cytometry.manifest.check_manifest`):
+    The manifest is checked first (:func:`cytometry.loading.manifest.check_manifest`):
     nothing is analysed when it has a problem. A store holds one parameter
-    set (:mod:`cytometry.store`): a run with other options into a store that
+    set (:mod:`cytometry.batch.store`): a run with other options into a store that
     holds results is refused unless ``replace``.
 
     Parameters
     ----------
     files : list of Path
-    manifest : cytometry.manifest.Manifest, optional
+    manifest : cytometry.loading.manifest.Manifest, optional
     options : AnalysisOptions, optional
     store : str, Path or ResultStore, optional
     workers : int
@@ -139,7 +143,7 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         Show a progress bar (default: when stderr is a terminal).
     keep_events : bool
         Store every compensated, transformed event (by default the store
-        keeps a random subsample of :data:`cytometry.store.REPORT_EVENTS`
+        keeps a random subsample of :data:`cytometry.batch.store.REPORT_EVENTS`
         events, enough for the report's figures).
     on_result : callable, optional
         Called with each result as it arrives.
@@ -154,9 +158,9 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
 
     Raises
     ------
-    cytometry.manifest.ManifestError
+    cytometry.loading.manifest.ManifestError
         Every problem of the manifest, in one message.
-    cytometry.store.ParameterSetMismatch
+    cytometry.batch.store.ParameterSetMismatch
         The store holds results of other parameters (one line).
 
     Returns
@@ -168,7 +172,7 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     Examples
     --------
     >>> import tempfile
-    >>> from cytometry.manifest import read_manifest
+    >>> from cytometry.loading.manifest import read_manifest
     >>> files = sorted(Path("sample_fcs").glob("S0[1-3]_screening_TBNK.fcs"))
     >>> manifest = read_manifest("sample_fcs/manifest.csv")
     >>> with tempfile.TemporaryDirectory() as d:
@@ -240,16 +244,10 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
 
 def _single_threaded():
     """Worker initialiser: one BLAS/OpenMP thread per process, so N workers use N cores, not N²."""
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:
-        pass
+    threadpool_limits(1)
 
 
 def _run_local(workers, files, rows, manifest, options, extra, pending, finish):
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
         futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra): i for i in pending}
@@ -289,10 +287,6 @@ def _progress(total, progress):
     if progress is None:
         progress = sys.stderr.isatty()
     if not progress or total == 0:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
         return _NoBar()
     return tqdm(total=total, unit="tube", file=sys.stderr)
 

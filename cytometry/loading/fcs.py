@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gating.panels import is_fluorescence
+
 #: Channels that are never fluorescence (flowutils uses the same convention).
-SCATTER_PREFIXES = ("FSC", "SSC", "FS ", "SS ")
 
 
 class FcsError(Exception):
@@ -102,6 +103,18 @@ class FcsSample:
         """Column of the channel whose ``$PnN`` is ``pnn_name``."""
         return self.pnn.index(pnn_name)
 
+    def channel_top(self, index):
+        """Top of a channel's scale: its ``$PnR``, or 262144 (18 bits) when the file gives none.
+
+        Examples
+        --------
+        >>> sample = read_fcs("sample_fcs/S01_screening_TBNK.fcs")
+        >>> sample.channel_top(sample.channel_index("FSC-A"))
+        262144.0
+        """
+        top = self.ranges[index]
+        return float(top) if np.isfinite(top) and top > 1 else 262144.0
+
 
 def file_sha256(path):
     """SHA-256 hex digest of a file, read in 1 MiB blocks.
@@ -165,7 +178,7 @@ def parse_spillover(text, pnn, source="$SPILLOVER"):
         detectors = parts[1:1 + n]
         values = parts[1 + n:]
     elif len(parts) == 1 + n * n:
-        fluorescence = [name for name in pnn if not _is_scatter_or_time(name)]
+        fluorescence = [name for name in pnn if is_fluorescence(name)]
         if len(fluorescence) < n:
             raise ValueError(f"{source} has {n} unnamed detectors but the file has "
                              f"{len(fluorescence)} fluorescence channels")
@@ -185,9 +198,6 @@ def parse_spillover(text, pnn, source="$SPILLOVER"):
     return Spillover(detectors=list(detectors), matrix=matrix, source=source)
 
 
-def _is_scatter_or_time(name):
-    upper = name.upper()
-    return upper.startswith(SCATTER_PREFIXES) or upper == "TIME" or upper.startswith("TIME")
 
 
 def find_spillover(keywords, pnn):

@@ -21,7 +21,7 @@ a new file and read it back:
 
 >>> import tempfile
 >>> from pathlib import Path
->>> from cytometry.simulate import simulate_tube, write_tube
+>>> from cytometry.simulation.simulate import simulate_tube, write_tube
 >>> with tempfile.TemporaryDirectory() as folder:
 ...     original = write_tube(simulate_tube("tbnk", seed=1, blood_volume_ul=0.5), Path(folder) / "tube.fcs")
 ...     table = read_table(original)
@@ -40,9 +40,10 @@ from array import array
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import flowio
 import numpy as np
 
-from .fcs import Spillover, read_fcs
+from cytometry.loading.fcs import Spillover, read_fcs
 
 #: TEXT keywords that describe the DATA segment's layout: flowio writes its own.
 _LAYOUT_KEYWORDS = frozenset({
@@ -72,7 +73,7 @@ class FcsTable:
     ranges : list of float
         ``$PnR`` per channel; kept through every transformation because the
         logicle transform's top of scale is read from it.
-    spillover : cytometry.fcs.Spillover or None
+    spillover : cytometry.loading.fcs.Spillover or None
         The spillover matrix, over named detectors.
     spill_keyword : str
         Keyword the matrix is written under (``"$SPILLOVER"`` or ``"SPILL"``).
@@ -122,14 +123,14 @@ def read_table(path) -> FcsTable:
 
     Raises
     ------
-    cytometry.fcs.FcsError
+    cytometry.loading.fcs.FcsError
         When the file cannot be read.
 
     Examples
     --------
     >>> import tempfile
     >>> from pathlib import Path
-    >>> from cytometry.simulate import simulate_tube, write_tube
+    >>> from cytometry.simulation.simulate import simulate_tube, write_tube
     >>> tube = simulate_tube("tbnk", seed=1, blood_volume_ul=0.2)
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     table = read_table(write_tube(tube, Path(folder) / "t.fcs"))
@@ -196,7 +197,6 @@ def encode_table(table: FcsTable) -> bytes:
     -------
     bytes
     """
-    import flowio
 
     if len(table.pnn) != table.events.shape[1]:
         raise ValueError(f"{len(table.pnn)} channel names for {table.events.shape[1]} columns")
