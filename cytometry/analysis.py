@@ -17,7 +17,7 @@ from cytometry._version import __version__
 from cytometry.counts import (DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count, detection_limits,
                               dual_platform_count, volumetric_count)
 from cytometry.decisions.eligibility import EligibilityRule, decide
-from cytometry.decisions.qc import QcRules, review
+from cytometry.decisions.qc import QcRules, run_checks
 from cytometry.loading.fcs import FcsError, read_fcs
 from cytometry.loading.panel import PanelError, _gather, available_panels, read_panel_file, resolve_panel
 from cytometry.outputs.formatting import format_sig
@@ -666,7 +666,8 @@ def _count(gated, row, options, result, screening):
                           f"({extra.get('reference_events', '?')} reference T cells, "
                           f"{int(gating.events(gating.parents.get('car_t', 't_cells')))} here)"))
 
-    flags.extend(review(gated, options.qc))
+    checks = run_checks(gated, options.qc)
+    flags.extend(c.flag for c in checks if c.flag is not None)
     unreliable = unreliable_populations(flags, gating.parents)
     populations = {}
     for name in gating.populations:
@@ -720,6 +721,7 @@ def _count(gated, row, options, result, screening):
                               f"{why}; CAR+ cut from this sample's own negative mode (less accurate)"))
     result["flags"] = [f.as_dict() for f in flags]
     result["qc_flags"] = [str(f) for f in flags]
+    result["checks"] = [c.as_dict() for c in checks]
     result["device"] = gating.device
     result["compensation"] = {"source": spillover.source if spillover is not None else None,
                               "detectors": list(spillover.detectors) if spillover is not None else []}
@@ -877,7 +879,6 @@ class CarReferences:
 
     def options_for(self, row):
         """``options`` with the CAR reference for ``row`` filled in (or unchanged)."""
-
         values, source = self.reference_for(row)
         if values is None:
             problem = self.problem_for(row)

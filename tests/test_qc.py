@@ -48,3 +48,19 @@ def test_saturation_and_clog_are_flagged(tmp_path):
     assert any(f.startswith("flow:") and "clog" in f for f in result["qc_flags"])
     assert result["qc_rules"]["min_lymphocyte_events"] == QcRules().min_lymphocyte_events
     json.dumps(result)  # the whole result stays JSON-serialisable
+
+
+def test_run_checks_lists_every_check_and_review_is_its_flags(sample_dir):
+    from cytometry.analysis import gate_file
+    from cytometry.decisions.qc import run_checks
+
+    for name in ("S05_screening_TBNK.fcs", "S01_day007_CAR.fcs"):
+        gated = gate_file(sample_dir / name)
+        ran = run_checks(gated)
+        assert [c.check for c in ran] == ["stop_rule", "lymphosum", "cd4_cd8_sum", "saturated_events",
+                                          "flow_interrupted"]
+        assert all(c.outcome in ("pass", "flag", "fail", "not_applicable") for c in ran)
+        assert [str(f) for f in review(gated)] == [str(c.flag) for c in ran if c.flag is not None]
+        assert all((c.flag is None) == (c.outcome in ("pass", "not_applicable")) for c in ran)
+    stop_rule = run_checks(gate_file(sample_dir / "S05_screening_TBNK.fcs"))[0]
+    assert stop_rule.outcome == "flag" and stop_rule.measured.split()[0] == "2275"

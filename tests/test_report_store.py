@@ -181,3 +181,33 @@ def test_report_renders_in_headless_chromium(reported, tmp_path):
                    timeout=180, check=True)
     pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf.read_bytes()))
     assert pages > 14  # the print stylesheet starts each of the 14 samples on a new page
+
+
+def test_every_check_run_is_itemized_with_its_outcome(reported):
+    """Passed checks are listed too, with what they measured; the worst outcome heads the section."""
+    store = reported["store"]
+    sections = _sections(reported["html"])
+    seen = 0
+    for result in store.results():
+        if result.get("status") != "ok":
+            continue
+        section = sections[result["file"].rsplit("/", 1)[-1]]
+        ran = result["checks"]
+        assert [c["check"] for c in ran] == ["stop_rule", "lymphosum", "cd4_cd8_sum", "saturated_events",
+                                             "flow_interrupted"]
+        for check in ran:
+            row = re.search(rf"<span class='check-(\w+)'>\w+</span></td><td>{check['population']}</td>"
+                            rf"<td>{check['check']}</td><td>([^<]*)</td>", section)
+            assert row, f"{result['file']}: check {check['check']} not in the report"
+            assert row.group(1) == check["outcome"]
+            assert f"limit {check['limit']}".replace(">", "&gt;").replace("<", "&lt;") in row.group(2)
+        flagged = {f["population"] for f in result["flags"]}
+        for name in result["populations"]:
+            if name not in flagged:
+                assert re.search(rf"<td>{name}</td><td>gate checks</td>", section), name
+        # a passed check that raised no flag cannot carry one
+        codes = {(f["population"], f["code"]) for f in result["flags"]}
+        for check in ran:
+            assert ((check["population"], check["check"]) in codes) == (check["outcome"] in ("flag", "fail"))
+        seen += 1
+    assert seen == 14

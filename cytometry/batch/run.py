@@ -248,7 +248,6 @@ def _single_threaded():
 
 
 def _run_local(workers, files, rows, manifest, options, extra, pending, finish):
-
     with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
         futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra): i for i in pending}
         for future in as_completed(futures):

@@ -232,7 +232,6 @@ class ResultStore:
 
     def record_parameter_set(self, set_hash, options=None):
         """Write ``parameters.json`` atomically (the store's one parameter set)."""
-
         record = {"parameter_set": set_hash, "software_version": __version__,
                   "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
                   "options": describe_options(options) if options is not None else None}
@@ -449,7 +448,6 @@ class ResultStore:
                 if params is None or entry.stem.endswith(f"-{params}")]
 
     def _read(self, entry):
-
         try:
             with h5py.File(entry, "r") as h5:
                 result = json.loads(h5.attrs["result"])
@@ -461,7 +459,6 @@ class ResultStore:
 
     def results_for(self, entry):
         """The JSON result of one entry (a path or a name)."""
-
         entry = self.samples / Path(entry).name
         with h5py.File(entry, "r") as h5:
             result = json.loads(h5.attrs["result"])
@@ -470,14 +467,12 @@ class ResultStore:
 
     def masks(self, entry_name):
         """The event masks of one entry, unpacked (population → bool array)."""
-
         with h5py.File(self.samples / entry_name, "r") as h5:
             return {name: np.unpackbits(data[()])[:data.attrs["n_events"]].astype(bool)
                     for name, data in h5["masks"].items()}
 
     def gatingml(self, entry_name):
         """The GatingML text of one entry."""
-
         with h5py.File(self.samples / entry_name, "r") as h5:
             return bytes(h5["gatingml"][()]).decode()
 
@@ -628,7 +623,6 @@ def _json_default(value):
 
 def gatingml_bytes(gated):
     """GatingML text of a gated sample (for the store)."""
-
     buffer = io.BytesIO()
     export_gating(gated, buffer)
     return buffer.getvalue()

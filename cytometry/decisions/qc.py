@@ -29,8 +29,88 @@ class QcRules:
     max_flow_gap_fraction: float = 0.05
 
 
+@dataclass
+class Check:
+    """One reviewer check as it was run on a sample: what it measured, against what, and the outcome.
+
+    ``outcome`` is ``pass``, ``flag`` (a warning), ``fail`` or
+    ``not_applicable`` (the check needs a population or channel the tube
+    lacks); ``flag`` holds the typed flag a ``flag`` or ``fail`` raised.
+    """
+
+    check: str
+    population: str
+    outcome: str
+    measured: str
+    limit: str
+    flag: Flag | None = None
+
+    def as_dict(self):
+        return {"check": self.check, "population": self.population, "outcome": self.outcome,
+                "measured": self.measured, "limit": self.limit}
+
+
+def run_checks(gated, rules=None):
+    """Every reviewer check on one gated sample, passed or not, with what it measured.
+
+    Parameters
+    ----------
+    gated : cytometry.analysis.GatedSample
+    rules : QcRules, optional
+
+    Returns
+    -------
+    list of Check
+        The acquisition stop rule, the lymphosum, CD4 + CD8 = CD3, saturated
+        events and the flow rate, in that order. A lymphosum outside its
+        limits fails the lymphocytes (and so every subset); the others are
+        warnings.
+
+    Examples
+    --------
+    >>> from cytometry.analysis import gate_file
+    >>> [(c.check, c.outcome, c.measured) for c in run_checks(gate_file("sample_fcs/S05_screening_TBNK.fcs"))][:2]
+    [('stop_rule', 'flag', '2275 lymphocyte events'), ('lymphosum', 'pass', 'T+B+NK = 99.7% of lymphocytes')]
+    """
+    rules = rules or QcRules()
+    masks = gated.gating.masks
+    checks = []
+
+    def add(check, population, ok, measured, limit, severity=None, message=None):
+        if ok is None:
+            checks.append(Check(check, population, "not_applicable", measured, limit))
+        elif ok:
+            checks.append(Check(check, population, "pass", measured, limit))
+        else:
+            checks.append(Check(check, population, "fail" if severity == "fail" else "flag", measured, limit,
+                                Flag(population, check, severity, message)))
+
+    lymphocytes = int(masks["lymphocytes"].sum()) if "lymphocytes" in masks else 0
+    add("stop_rule", "lymphocytes", (lymphocytes >= rules.min_lymphocyte_events) if lymphocytes else None,
+        f"{lymphocytes} lymphocyte events", f">= {rules.min_lymphocyte_events}", "warning",
+        f"{lymphocytes} events < {rules.min_lymphocyte_events} (acquisition stop rule)")
+    if lymphocytes and {"t_cells", "b_cells", "nk_cells"} <= set(masks):
+        parts = sum(int(masks[p].sum()) for p in ("t_cells", "b_cells", "nk_cells"))
+        lymphosum = 100.0 * parts / lymphocytes
+        add("lymphosum", "lymphocytes", abs(lymphosum - 100.0) <= rules.lymphosum_tolerance_pct,
+            f"T+B+NK = {lymphosum:.1f}% of lymphocytes", f"100 ± {rules.lymphosum_tolerance_pct:g}%", "fail",
+            f"lymphosum T+B+NK = {lymphosum:.1f}% of lymphocytes, outside 100 ± {rules.lymphosum_tolerance_pct:g}%")
+    else:
+        add("lymphosum", "lymphocytes", None, "panel has no T, B and NK gates", f"100 ± {rules.lymphosum_tolerance_pct:g}%")
+    t_cells = int(masks["t_cells"].sum()) if "t_cells" in masks else 0
+    if t_cells >= 100 and {"cd4_t", "cd8_t"} <= set(masks):
+        ratio = 100.0 * (int(masks["cd4_t"].sum()) + int(masks["cd8_t"].sum())) / t_cells
+        add("cd4_cd8_sum", "t_cells", abs(ratio - 100.0) <= rules.cd4_cd8_tolerance_pct,
+            f"CD4 + CD8 = {ratio:.1f}% of T cells", f"100 ± {rules.cd4_cd8_tolerance_pct:g}%", "warning",
+            f"CD4 T + CD8 T = {ratio:.1f}% of CD3+ T cells, outside 100 ± {rules.cd4_cd8_tolerance_pct:g}%")
+    else:
+        add("cd4_cd8_sum", "t_cells", None, "no CD4/CD8 gates or < 100 T cells", f"100 ± {rules.cd4_cd8_tolerance_pct:g}%")
+    _acquisition_checks(gated, rules, add)
+    return checks
+
+
 def review(gated, rules=None):
-    """Reviewer checks for one gated sample.
+    """The flags the reviewer checks raised on one gated sample (see :func:`run_checks`).
 
     Parameters
     ----------
@@ -40,9 +120,6 @@ def review(gated, rules=None):
     Returns
     -------
     list of gating.flags.Flag
-        A lymphosum outside its limits fails the lymphocytes (and so every
-        subset); the stop rule, CD4 + CD8 ≠ CD3 and acquisition problems
-        are warnings.
 
     Examples
     --------
@@ -52,51 +129,30 @@ def review(gated, rules=None):
     >>> review(gate_file("sample_fcs/S01_screening_TBNK.fcs"))
     []
     """
-    rules = rules or QcRules()
-    masks = gated.gating.masks
-    flags = []
-    lymphocytes = int(masks["lymphocytes"].sum()) if "lymphocytes" in masks else 0
-    if lymphocytes and lymphocytes < rules.min_lymphocyte_events:
-        flags.append(Flag("lymphocytes", "stop_rule", "warning", f"{lymphocytes} events < "
-                          f"{rules.min_lymphocyte_events} (acquisition stop rule)"))
-    if lymphocytes and {"t_cells", "b_cells", "nk_cells"} <= set(masks):
-        parts = sum(int(masks[p].sum()) for p in ("t_cells", "b_cells", "nk_cells"))
-        lymphosum = 100.0 * parts / lymphocytes
-        if abs(lymphosum - 100.0) > rules.lymphosum_tolerance_pct:
-            flags.append(Flag("lymphocytes", "lymphosum", "fail", f"lymphosum T+B+NK = {lymphosum:.1f}% of "
-                              f"lymphocytes, outside 100 ± {rules.lymphosum_tolerance_pct:g}%"))
-    t_cells = int(masks["t_cells"].sum()) if "t_cells" in masks else 0
-    if t_cells >= 100 and {"cd4_t", "cd8_t"} <= set(masks):
-        cd4_cd8 = int(masks["cd4_t"].sum()) + int(masks["cd8_t"].sum())
-        ratio = 100.0 * cd4_cd8 / t_cells
-        if abs(ratio - 100.0) > rules.cd4_cd8_tolerance_pct:
-            flags.append(Flag("t_cells", "cd4_cd8_sum", "warning", f"CD4 T + CD8 T = {ratio:.1f}% of CD3+ T cells, "
-                              f"outside 100 ± {rules.cd4_cd8_tolerance_pct:g}%"))
-    flags.extend(_acquisition_checks(gated, rules))
-    return flags
+    return [c.flag for c in run_checks(gated, rules) if c.flag is not None]
 
 
-def _acquisition_checks(gated, rules):
-    """Saturated events and interruptions of the flow (clogs, bubbles)."""
+def _acquisition_checks(gated, rules, add):
+    """Saturated events and interruptions of the flow (clogs, bubbles), through ``add`` of :func:`run_checks`."""
     sample, panel = gated.sample, gated.panel
-    flags = []
     names = list(panel.markers.values()) + [panel.scatter[k] for k in ("FSC-A", "SSC-A") if k in panel.scatter]
     columns = [sample.channel_index(name) for name in names]
     tops = np.array([sample.ranges[c] if np.isfinite(sample.ranges[c]) and sample.ranges[c] > 1 else np.inf
                      for c in columns])
     saturated = (sample.events[:, columns] >= tops - 1).any(axis=1)
     fraction = float(saturated.mean())
-    if fraction > rules.max_saturated_fraction:
-        flags.append(Flag("acquisition", "saturated_events", "warning", f"{100 * fraction:.1f}% of events at the "
-                          f"top of scale (> {100 * rules.max_saturated_fraction:g}%)"))
+    add("saturated_events", "acquisition", fraction <= rules.max_saturated_fraction,
+        f"{100 * fraction:.2f}% of events at the top of scale", f"<= {100 * rules.max_saturated_fraction:g}%",
+        "warning", f"{100 * fraction:.1f}% of events at the top of scale (> {100 * rules.max_saturated_fraction:g}%)")
+    limit = f"<= {100 * rules.max_flow_gap_fraction:g}% of the time below {100 * rules.min_flow_rate_fraction:g}% of the median rate"
     if "Time" in panel.scatter and sample.n_events >= 20 * rules.flow_bins:
         time = sample.events[:, sample.channel_index(panel.scatter["Time"])]
         if np.ptp(time) > 0:
             counts, _ = np.histogram(time, bins=rules.flow_bins)
-            median = np.median(counts)
-            slow = counts < rules.min_flow_rate_fraction * median
-            if slow.mean() > rules.max_flow_gap_fraction:
-                flags.append(Flag("flow", "flow_interrupted", "warning", f"{100 * slow.mean():.0f}% of the "
-                                  f"acquisition time below {100 * rules.min_flow_rate_fraction:g}% of the median "
-                                  f"event rate (clog or bubble?)"))
-    return flags
+            slow = counts < rules.min_flow_rate_fraction * np.median(counts)
+            add("flow_interrupted", "flow", slow.mean() <= rules.max_flow_gap_fraction,
+                f"{100 * slow.mean():.0f}% of the time slow", limit, "warning",
+                f"{100 * slow.mean():.0f}% of the acquisition time below {100 * rules.min_flow_rate_fraction:g}% of "
+                f"the median event rate (clog or bubble?)")
+            return
+    add("flow_interrupted", "flow", None, "no time channel, or too few events", limit)

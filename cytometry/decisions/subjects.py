@@ -617,7 +617,6 @@ def kinetics_figure(subject):
 def save_kinetics_figure(subject, out_dir):
     """Write ``<subject>.kinetics.png`` (the name made file-safe) and return its path."""
 
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(subject["subject_id"])).lstrip(".") or "subject"

@@ -110,7 +110,6 @@ def _cell(count):
 
 def _analyse_run(args):
     """Analyse the files of a run (shared by analyze, eligibility and persistence)."""
-
     manifest = None
     if args.manifest:
         try:
@@ -225,7 +224,6 @@ def _subject_results(args):
 
 def _store_results(path, args=None):
     """The results of the store's one parameter set; a line on stderr names it (not with ``--quiet``)."""
-
     if not (Path(path) / "samples").is_dir():
         raise UsageError(f"{path}: not a results store (no samples/ folder)")
     try:
@@ -240,7 +238,6 @@ def _store_results(path, args=None):
 
 
 def cmd_report(args):
-
     if not _store_results(args.store, args):  # a clear error for a path that is not a store
         raise UsageError(f"{args.store}: the results store holds no samples; nothing to report")
     target = write_report(args.store, args.out, thumbnails=not args.no_thumbnails)
@@ -257,7 +254,6 @@ def _document(args, document):
 
 
 def cmd_eligibility(args):
-
     results = _subject_results(args)
     rows = screening_decisions(results)
     if args.csv:
@@ -279,7 +275,6 @@ def cmd_eligibility(args):
 
 
 def cmd_persistence(args):
-
     results = _subject_results(args)
     subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold))
     if args.plots:
@@ -319,7 +314,6 @@ def cmd_persistence(args):
 
 def inspect_file(path):
     """What ``cytometry inspect --json`` prints for one file (raises FcsError)."""
-
     sample = read_fcs(path)
     channels = []
     for i, (name, marker) in enumerate(zip(sample.pnn, sample.pns)):
@@ -343,7 +337,6 @@ def inspect_file(path):
 
 
 def cmd_inspect(args):
-
     try:
         info = inspect_file(args.file)
     except FcsError as exc:

@@ -93,7 +93,6 @@ class GatingView:
     @classmethod
     def from_gated(cls, gated, title=None):
         """The view of a live :class:`cytometry.analysis.GatedSample` (every event drawn)."""
-
         gating = gated.gating
         masks = gating.masks
         parents = {gate.name: gate.parent for gate in gating.gates}
@@ -181,7 +180,6 @@ def _decade_label(k):
 
 def _set_ticks(axis, scale, logicle_params):
     """Ticks in the instrument's units: decades on logicle and log axes, thousands on linear ones."""
-
     kind, top = scale
     if kind == "logicle":
         decades = list(range(1, int(np.floor(np.log10(top))) + 1))
@@ -208,7 +206,6 @@ def _set_ticks(axis, scale, logicle_params):
 
 
 def _draw_gate(ax, gate, horizontal_key, vertical_key, colour):
-
     if gate.shape == "polygon":
         ax.add_patch(patches.Polygon(np.asarray(gate.vertices), closed=True, fill=False, edgecolor=colour, lw=1.6))
         return

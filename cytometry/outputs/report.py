@@ -53,6 +53,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .flags { font-size: 0.85em; color: #6a3d00; }
 td.flags { min-width: 14em; }
 .check-pass { background: #e3f4e3; } .check-flag { background: #fff4d6; } .check-fail { background: #fbe0e0; }
+.check-not_applicable { color: #666; }
 .verdict { font-weight: bold; text-transform: uppercase; }
 section.sample { border-top: 3px solid #888; margin-top: 2em; padding-top: 0.5em; }
 img.gating { width: 100%; max-width: 1500px; border: 1px solid #ccc; }
@@ -82,7 +83,6 @@ def _e(value):
 
 
 def _png(fig, dpi=100):
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
@@ -185,23 +185,47 @@ def population_rows(result):
 def checks(result):
     """Each reviewer check of one sample as ``(outcome, population, code, message)``, worst first.
 
-    A typed flag of severity ``fail`` is a *fail*, ``warning`` a *flag* and
-    ``info`` a *pass* with a note; a sample that failed to analyse is one
-    *fail*.
+    Every check the QC ran is listed, passed or not, with what it measured
+    and its limit (``result["checks"]``); a typed flag from the gating
+    (severity ``fail`` a *fail*, ``warning`` a *flag*, ``info`` a *pass*
+    with a note) is listed with its message; a population whose gate raised
+    nothing is one *pass* line; a sample that failed to analyse is one
+    *fail*. Outcomes sort fail, flag, pass, not_applicable.
 
     Examples
     --------
-    >>> checks({"status": "ok", "flags": [{"population": "b_cells", "code": "below_lloq", "severity": "info",
-    ...         "message": "..."}, {"population": "lymphocytes", "code": "stop_rule", "severity": "warning",
-    ...         "message": "..."}]})
-    [('flag', 'lymphocytes', 'stop_rule', '...'), ('pass', 'b_cells', 'below_lloq', '...')]
+    >>> result = {"status": "ok", "populations": {"b_cells": {}, "lymphocytes": {}},
+    ...           "checks": [{"check": "stop_rule", "population": "lymphocytes", "outcome": "flag",
+    ...                       "measured": "2275 lymphocyte events", "limit": ">= 2500"}],
+    ...           "flags": [{"population": "lymphocytes", "code": "stop_rule", "severity": "warning",
+    ...                      "message": "2275 events < 2500"},
+    ...                     {"population": "b_cells", "code": "below_lloq", "severity": "info", "message": "..."}]}
+    >>> for row in checks(result):
+    ...     print(row)
+    ('flag', 'lymphocytes', 'stop_rule', '2275 events < 2500 (measured 2275 lymphocyte events; limit >= 2500)')
+    ('pass', 'b_cells', 'below_lloq', '...')
     """
     if result.get("status") == "error":
         return [("fail", None, "analysis", result.get("error"))]
-    out = [(CHECK_OUTCOME.get(f.get("severity"), "flag"), f.get("population"), f.get("code"), f.get("message"))
-           for f in result.get("flags") or []]
-    order = {"fail": 0, "flag": 1, "pass": 2}
-    return sorted(out, key=lambda c: order[c[0]])
+    flags = result.get("flags") or []
+    run = {(c["population"], c["check"]): c for c in result.get("checks") or []}
+    out = []
+    for check in run.values():
+        measured = f"measured {check['measured']}; limit {check['limit']}"
+        flag = next((f for f in flags if (f.get("population"), f.get("code")) == (check["population"], check["check"])),
+                    None)
+        out.append((check["outcome"], check["population"], check["check"],
+                    f"{flag['message']} ({measured})" if flag else measured))
+    for f in flags:
+        if (f.get("population"), f.get("code")) not in run:
+            out.append((CHECK_OUTCOME.get(f.get("severity"), "flag"), f.get("population"), f.get("code"),
+                        f.get("message")))
+    flagged = {f.get("population") for f in flags}
+    for name in result.get("populations") or {}:
+        if name not in flagged:
+            out.append(("pass", name, "gate checks", "no gate check raised a note, a flag or a failure"))
+    order = {"fail": 0, "flag": 1, "pass": 2, "not_applicable": 3}
+    return sorted(out, key=lambda c: order.get(c[0], 1))
 
 
 def _table(header, rows, css="", numeric=()):
@@ -271,7 +295,6 @@ def _audit(result, provenance, parameter_set):
 
 def _sample_section(result, store, parameter_set, figures):
     """One sample's section and whether its gating figure was drawn."""
-
     name = Path(str(result.get("file", ""))).name
     day = result.get("study_day")
     anchor = _e(result.get("store_entry") or name)

@@ -1173,7 +1173,6 @@ def _format_spill(names, matrix) -> str:
 
 def _encode_fcs(events, pnn, pns, metadata) -> bytes:
     """FCS 3.1 bytes via flowio, with keywords under their intended names."""
-
     meta = dict(metadata)
     for key, value in meta.items():
         # FCS forbids empty values, and a value that starts or ends with the
