@@ -67,13 +67,13 @@ def decide(count, rule=None, qc_problems=()):
     low, high = count.ci95
     if low > threshold:
         out["verdict"] = "eligible"
-        out["reasons"].append(f"95% interval {interval_text((low, high))} lies above {threshold:g} cells/uL")
+        out["reasons"].append(f"95% interval {interval_text(out['ci95'])} lies above {threshold:g} cells/uL")
     elif high <= threshold:
         out["verdict"] = "not_eligible"
-        out["reasons"].append(f"95% interval {interval_text((low, high))} lies at or below {threshold:g} cells/uL")
+        out["reasons"].append(f"95% interval {interval_text(out['ci95'])} lies at or below {threshold:g} cells/uL")
     else:
         out["verdict"] = "indeterminate"
-        out["reasons"].append(f"95% interval {interval_text((low, high))} straddles {threshold:g} cells/uL")
+        out["reasons"].append(f"95% interval {interval_text(out['ci95'])} straddles {threshold:g} cells/uL")
         out["reasons"].append(_what_would_settle(count, threshold))
     return out
 

@@ -66,6 +66,7 @@ table.audit th { width: 14em; }
   body { margin: 0; font-size: 10pt; max-width: none; }
   section.sample { page-break-before: always; break-before: page; border-top: none; }
   table, figure, .signoff { page-break-inside: avoid; break-inside: avoid; }
+  h2, h3, summary { page-break-after: avoid; break-after: avoid; }
   img.gating { max-width: 100%; border: none; }
   th { background: #eee !important; -webkit-print-color-adjust: exact; print-color-adjust: exact; }
   .check-pass, .check-flag, .check-fail, .eligible, .indeterminate, .qc_fail, .error {
@@ -458,7 +459,7 @@ def build_report(results, thumbnails=True, aplasia=None, store=None, parameter_s
             clast = "none" if subject["clast"] is None else \
                 f"{format_sig(subject['clast'])}/µL on day {subject['tlast_day']}"
             parts.append(f"<h3>{_e(subject['subject_id'])}</h3><p>Cmax {_e(cmax)}; AUC(0–28 d) "
-                         f"{_e(format_sig(subject['auc_0_28']))} cells/µL × day; last quantifiable {_e(clast)}; "
+                         f"{_e(format_sig(subject['auc_0_28'], 4))} cells/µL × day; last quantifiable {_e(clast)}; "
                          f"B-cell aplasia from day {_e(subject['aplasia_onset_day'])}, "
                          f"recovery day {_e(subject['aplasia_recovery_day'])}.</p>")
             crosschecks = [check for point in subject["timeline"] for check in point.get("t_cell_crosscheck") or []]
