@@ -5,11 +5,16 @@ import json
 import h5py
 import pytest
 
+from pathlib import Path
+
 from cytometry.analysis import AnalysisOptions
+from cytometry.batch.run import entry_params
+from cytometry.loading.manifest import read_manifest
 from cytometry.outputs.cli import main
 from cytometry.batch.store import (ParameterSetMismatch, ResultStore, StoreError, parameter_set_hash, params_hash)
 from cytometry.decisions.subjects import persistence, screening_decisions
 
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_fcs"
 TUBES = ["S01_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S01_day000_CAR.fcs", "S01_day010_CAR.fcs",
          "S01_day014_CAR.fcs"]
 
@@ -49,7 +54,9 @@ def test_car_tubes_with_their_own_entry_hash_share_the_store_set(default_store):
     by_file = {a["file_name"]: a for a in attrs.values()}
     # The day-10 CAR tube is keyed with its pre-infusion reference; the reference tube itself is not ...
     assert by_file["S01_day010_CAR.fcs"]["params_hash"] != by_file["S01_day000_CAR.fcs"]["params_hash"]
-    assert by_file["S01_day000_CAR.fcs"]["params_hash"] == params_hash(AnalysisOptions())
+    manifest = read_manifest(SAMPLE_DIR / "manifest.csv")
+    reference_row = manifest.lookup(SAMPLE_DIR / "S01_day000_CAR.fcs")
+    assert by_file["S01_day000_CAR.fcs"]["params_hash"] == entry_params(AnalysisOptions(), reference_row)
     # ... and both belong to the one set of the run, recorded in parameters.json.
     assert {a["parameter_set"] for a in attrs.values()} == {parameter_set_hash(AnalysisOptions())}
     record = json.loads((default_store / "parameters.json").read_text())
@@ -225,3 +232,43 @@ def test_parameter_set_ignores_only_the_car_reference():
     for changed in (AnalysisOptions(lloq_events=10), AnalysisOptions(beads_per_test=1.0),
                     AnalysisOptions(min_bead_events=10)):
         assert parameter_set_hash(changed) != parameter_set_hash(base)
+
+
+def test_a_manifest_edit_analyses_again_and_the_latest_run_is_served(capsys, sample_dir, tmp_path):
+    """A corrected bead lot must never return the stale count (the manifest row is part of the entry key)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for tube in TUBES[:2]:
+        (run / tube).symlink_to(sample_dir / tube)
+    rows = list(csv.DictReader(open(sample_dir / "manifest.csv", newline="")))
+    rows = [r for r in rows if r["file"] in TUBES[:2]]
+
+    def write_manifest(beads_factor):
+        with open(run / "manifest.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**r, "beads_per_test": str(float(r["beads_per_test"]) * beads_factor)})
+
+    def b_cells(store):
+        code, out, _ = run_cli(capsys, "eligibility", "--store", store, "--json")
+        subjects = json.loads(out)["subjects"]
+        assert sorted(s["subject_id"] for s in subjects) == ["S01", "S03"]  # one row per subject, never doubled
+        return {s["subject_id"]: s["value"] for s in subjects}
+
+    store = tmp_path / "store"
+    write_manifest(1.0)
+    assert run_cli(capsys, "analyze", run, "--manifest", run / "manifest.csv", "--out", store)[0] == 0
+    first = b_cells(store)
+    write_manifest(2.0)  # the lab corrects the bead lot: twice the beads per test
+    code, out, _ = run_cli(capsys, "analyze", run, "--manifest", run / "manifest.csv", "--out", store, "--json")
+    assert code == 0
+    assert not any(r.get("skipped") for r in json.loads(out)["samples"])  # analysed again, not read back
+    second = b_cells(store)
+    for subject in first:
+        assert second[subject] == pytest.approx(2 * first[subject], rel=1e-3)
+    write_manifest(1.0)  # reverted: analysed again (the store keeps one entry per file), the first values back
+    code, out, _ = run_cli(capsys, "analyze", run, "--manifest", run / "manifest.csv", "--out", store, "--json")
+    assert code == 0 and not any(r.get("skipped") for r in json.loads(out)["samples"])
+    assert b_cells(store) == first
+    assert len(ResultStore(store).entries()) == 2

@@ -10,6 +10,7 @@ number of workers.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -99,15 +100,47 @@ def analyze_one(path, row, manifest, options, keep=False, keep_events=False, plo
     return result, (extras or None)
 
 
-def _entry_params(path, row, references, options):
-    """The store key's parameter part: the options, plus the CAR reference file when one is used."""
+def entry_params(options, row=None, reference_sha=None):
+    """The store key's parameter part of one sample: its options, its manifest row, its CAR reference file.
+
+    The manifest row is part of the key because it changes the result: a
+    corrected bead lot (``beads_per_test``), blood volume, subject or study
+    day analyses the sample again instead of returning the stale count (the
+    store keeps one entry per file, so the stale one is replaced).
+
+    Parameters
+    ----------
+    options : cytometry.analysis.AnalysisOptions
+    row : cytometry.loading.manifest.ManifestRow, optional
+    reference_sha : str, optional
+        SHA-256 of the pre-infusion reference file a CAR tube is counted against.
+
+    Examples
+    --------
+    >>> from cytometry.analysis import AnalysisOptions
+    >>> from cytometry.batch.store import params_hash
+    >>> entry_params(AnalysisOptions()) == params_hash(AnalysisOptions())
+    True
+    """
     base = params_hash(options)
-    candidate = references.candidates.get(row.text("subject_id")) if row is not None else None
-    if candidate is None or candidate[1] is row:
+    if row is None and reference_sha is None:
         return base
-    reference_path = candidate[1].path
-    reference_sha = file_sha256(reference_path) if reference_path.exists() else "missing"
-    return hashlib.sha256(f"{base}:{reference_sha}".encode()).hexdigest()[:16]
+    parts = [base]
+    if row is not None:
+        values = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.values.items() if k != "file"}
+        parts.append(json.dumps(values, sort_keys=True, default=str))
+    if reference_sha is not None:
+        parts.append(reference_sha)
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
+
+
+def _entry_params(row, references, options):
+    candidate = references.candidates.get(row.text("subject_id")) if row is not None else None
+    reference_sha = None
+    if candidate is not None and candidate[1] is not row:
+        reference_path = candidate[1].path
+        reference_sha = file_sha256(reference_path) if reference_path.exists() else "missing"
+    return entry_params(options, row, reference_sha)
 
 
 def _file_key(path):
@@ -196,7 +229,7 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     parameter_set = parameter_set_hash(options)
     if store is not None:
         for index, (path, row) in enumerate(zip(files, rows)):
-            keys[index] = (_file_key(path), _entry_params(path, row, references, options))
+            keys[index] = (_file_key(path), _entry_params(row, references, options))
         store.claim(options, [f"{sha}-{params}" for sha, params in keys.values()], replace_results=replace)
         done = {entry.stem: entry for entry in store.entries()}
         for index in range(len(files)):
