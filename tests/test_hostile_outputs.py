@@ -72,6 +72,7 @@ def test_persistence_plots_for_hostile_subject_ids(hostile_store):
     root, subjects, _ = hostile_store
     plots, table = root / "kinetics", root / "kinetics.csv"
     result = _cli("persistence", "--store", root / "store", "--plots", plots, "--csv", table, "--json")
+    assert "Glyph" not in result.stderr  # no control character drawn raw (a missing-glyph warning) either
     doc = json.loads(result.stdout)
     assert sorted(s["subject_id"] for s in doc["subjects"]) == sorted(subjects)  # IDs kept as given in the data
     written = sorted(plots.iterdir())
@@ -113,8 +114,9 @@ def hostile_files(sample_dir, tmp_path_factory):
 
 
 def test_plots_and_gatingml_for_hostile_file_names(hostile_files):
-    root, names, _, rows = hostile_files
+    root, names, analysed, rows = hostile_files
     assert len(rows) == len(names) and all(row["status"] == "ok" for row in rows)
+    assert "Glyph" not in analysed.stderr
     assert not [row["flags"] for row in rows if "output:" in row["flags"]]  # every figure and GatingML written
     for folder, suffix in (("plots", ".gating.png"), ("gml", ".gating.xml")):
         written = sorted(p.name for p in (root / folder).iterdir())

@@ -43,7 +43,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cytometry.outputs.formatting import count_text, format_sig, safe_name
+from cytometry.outputs.formatting import count_text, format_sig, printable, safe_name
 
 SCREENING_RULE = ("latest screening tube with a valid verdict decides; qc_fail tubes never override a valid one; "
                   "a re-acquisition supersedes an earlier indeterminate tube")
@@ -610,8 +610,9 @@ def kinetics_figure(subject):
                        label="B-cell aplasia")
     axes[1].set_xlabel("study day")
     cmax = subject.get("cmax")
-    title = f"{subject['subject_id']}: Cmax {format_sig(cmax)}/uL on day {subject.get('tmax_day')}" if cmax else \
-        f"{subject['subject_id']}: no quantifiable CAR+ value"
+    name = printable(subject["subject_id"])  # control characters drawn as escapes, as in the tables
+    title = f"{name}: Cmax {format_sig(cmax)}/uL on day {subject.get('tmax_day')}" if cmax else \
+        f"{name}: no quantifiable CAR+ value"
     if subject.get("auc_0_28") is not None:
         title += f", AUC0-28 {format_sig(subject['auc_0_28'], 4)} cells/uL x day"
     # The subject ID is data, not matplotlib math: an ID such as ``x$^$`` is drawn as written.

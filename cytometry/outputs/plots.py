@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
-from cytometry.outputs.formatting import format_sig, safe_name
+from cytometry.outputs.formatting import format_sig, printable, safe_name
 from cytometry.preprocess import LOGICLE_DEFAULTS
 from gating.geometry import Dimension, Gate, axis_values
 from gating.panels import is_fluorescence
@@ -375,7 +375,7 @@ def gating_figure(source, title=None):
                   bbox_to_anchor=(0.0, -0.14), borderaxespad=0.0)
     for ax in axes.ravel()[len(steps):]:
         ax.axis("off")
-    heading = title or view.title
+    heading = printable(title or view.title)  # a file name's control characters drawn as escapes
     if view.data.shape[0] < view.n_events:
         heading += (f" — dots: a random {view.data.shape[0]:,} of {view.n_events:,} events;"
                     f" counts from every event")
