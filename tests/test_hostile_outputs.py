@@ -62,6 +62,9 @@ def hostile_store(sample_dir, tmp_path_factory):
         shutil.copy(sample_dir / tube, root / name)
         quoted = '"' + subject.replace('"', '""') + '"'
         lines.append(f"{name},{quoted},D{day},{day},CAR,48950,50")
+    # The hostile subject's screening tube (S03's, indeterminate): for the eligibility table.
+    shutil.copy(sample_dir / "S03_screening_TBNK.fcs", root / "tube5.fcs")
+    lines.append('tube5.fcs,"' + HOSTILE_SUBJECT + '",screening,-14,TBNK,50120,50')
     (root / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     analysed = _cli("analyze", *sorted(root.glob("tube*.fcs")), "--manifest", root / "manifest.csv",
                     "--out", root / "store")
@@ -156,11 +159,29 @@ def test_cli_tables_escape_control_characters(hostile_files, hostile_store):
         assert raw not in analysed.stdout
     assert "=\\x1b[31mE\\u202e.fcs" in analysed.stdout and "\\tT.fcs" in analysed.stdout
     root, _, from_store = hostile_store
-    outputs = [from_store.stdout, _cli("persistence", "--store", root / "store").stdout]
+    outputs = [from_store.stdout, _cli("persistence", "--store", root / "store").stdout,
+               _cli("eligibility", "--store", root / "store", "--csv", root / "eligibility.csv").stdout]
     for out in outputs:
         for raw in RAW_CONTROLS:
             assert raw not in out
         assert "\\x1b[2J\\x07E\\u202elive\\u2066\\x9bX" in out
+
+
+def test_eligibility_csv_keeps_the_study_day_a_number(hostile_store):
+    root, _, _ = hostile_store
+    _cli("eligibility", "--store", root / "store", "--csv", root / "eligibility.csv")
+    rows = list(csv.DictReader(open(root / "eligibility.csv", newline="", encoding="utf-8")))
+    assert [(row["subject_id"], row["study_day"], row["verdict"]) for row in rows] == \
+        [(HOSTILE_SUBJECT, "-14", "indeterminate")]
+
+
+def test_inspect_escapes_keywords(sample_dir, tmp_path):
+    data = (sample_dir / "S01_day004_CAR.fcs").read_bytes()
+    assert data.count(b"/$CYT/FACSCanto II/") == 1
+    hostile = tmp_path / "hostile.fcs"
+    hostile.write_bytes(data.replace(b"/$CYT/FACSCanto II/", b"/$CYT/\x1b[2J\xe2\x80\xaeCanto/"))  # same length
+    out = _cli("inspect", hostile).stdout
+    assert "\x1b" not in out and "\u202e" not in out and "\\x1b[2J" in out
 
 
 def test_report_escapes_control_characters(hostile_report):
