@@ -7,6 +7,7 @@ math, never a spreadsheet formula, never a terminal escape sequence. An
 """
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -106,8 +107,9 @@ def hostile_files(sample_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile_files")
     run = root / "run"
     run.mkdir()
-    # A tab, a CR, matplotlib math in a 250-byte name (its .gating.xml would be 257 bytes), "=", ESC and U+202E.
-    names = ["\tT.fcs", "\rR.fcs", "a$^$" + "L" * 242 + ".fcs", "=\x1b[31mE\u202e.fcs"]
+    # A tab, a CR, matplotlib math in a 250-byte name (its .gating.xml would be 257 bytes), "=", ESC and U+202E,
+    # and bytes that are not UTF-8 (a name Python holds as surrogates).
+    names = ["\tT.fcs", "\rR.fcs", "a$^$" + "L" * 242 + ".fcs", "=\x1b[31mE\u202e.fcs", os.fsdecode(b"\xff\xfe.fcs")]
     for name in names:
         shutil.copy(sample_dir / "S01_day004_CAR.fcs", run / name)
     result = _cli("analyze", run, "--beads-per-test", 48950, "--sample-volume-ul", 50, "--csv", root / "samples.csv",
@@ -143,7 +145,7 @@ def test_csv_cells_starting_with_tab_or_cr_are_neutralised_and_numbers_stay_numb
 def test_analyze_csv_neutralises_file_names(hostile_files):
     _, _, _, rows = hostile_files
     files = {row["file"] for row in rows}
-    assert {"'\tT.fcs", "'\rR.fcs", "'=\x1b[31mE\u202e.fcs"} <= files
+    assert {"'\tT.fcs", "'\rR.fcs", "'=\x1b[31mE\u202e.fcs", "\\udcff\\udcfe.fcs"} <= files
     assert all(not f.startswith(("=", "+", "-", "@", "\t", "\r")) for f in files)
 
 

@@ -487,10 +487,14 @@ def safe_cell(value):
 
 
 def write_csv(path_or_handle, columns, rows):
-    """Write rows (dicts) with the given ``(header, key)`` columns, neutralising formula cells."""
+    """Write rows (dicts) with the given ``(header, key)`` columns, neutralising formula cells (:func:`safe_cell`).
+
+    A file is UTF-8; a file name that is not (its undecodable bytes) is
+    written with backslash escapes (``\\udcff``) rather than failing.
+    """
     close = False
     if isinstance(path_or_handle, (str, Path)):
-        handle = open(path_or_handle, "w", newline="")
+        handle = open(path_or_handle, "w", newline="", encoding="utf-8", errors="backslashreplace")
         close = True
     else:
         handle = path_or_handle
