@@ -88,6 +88,19 @@ def test_persistence_plots_for_hostile_subject_ids(hostile_store):
     assert {row["subject_id"] for row in csv.DictReader(open(table, encoding="utf-8"))} == set(subjects)
 
 
+def test_a_figure_that_cannot_be_written_loses_neither_csv_nor_json(hostile_store):
+    root, subjects, _ = hostile_store
+    blocked = root / "not_a_folder"
+    blocked.write_text("a file where the plots folder should be")
+    result = _cli("persistence", "--store", root / "store", "--plots", blocked, "--csv", root / "blocked.csv",
+                  "--json", check_rc=1)
+    doc = json.loads(result.stdout)
+    assert len(doc["subjects"]) == len(subjects) and all("kinetics_figure_error" in s for s in doc["subjects"])
+    assert len(list(csv.DictReader(open(root / "blocked.csv", encoding="utf-8")))) >= len(subjects)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(subjects) and all("kinetics figure of subject" in line for line in errors)
+
+
 @pytest.fixture(scope="module")
 def hostile_report(hostile_store):
     root, subjects, _ = hostile_store
