@@ -125,9 +125,11 @@ def hostile_files(sample_dir, tmp_path_factory):
     names = ["\tT.fcs", "\rR.fcs", "a$^$" + "L" * 242 + ".fcs", "=\x1b[31mE\u202e.fcs", os.fsdecode(b"\xff\xfe.fcs")]
     for name in names:
         shutil.copy(sample_dir / "S01_day004_CAR.fcs", run / name)
-    result = _cli("analyze", run, "--beads-per-test", 48950, "--sample-volume-ul", 50, "--csv", root / "samples.csv",
-                  "--plots", root / "plots", "--gatingml", root / "gml")
-    rows = list(csv.DictReader(open(root / "samples.csv", newline="", encoding="utf-8")))
+    # -v: the log lines name the CSV file, whose name holds an escape sequence too.
+    table = root / "samples\x1b[31m.csv"
+    result = _cli("analyze", run, "--beads-per-test", 48950, "--sample-volume-ul", 50, "--csv", table,
+                  "--plots", root / "plots", "--gatingml", root / "gml", "-v")
+    rows = list(csv.DictReader(open(table, newline="", encoding="utf-8")))
     return root, names, result, rows
 
 
@@ -171,7 +173,8 @@ def test_printable_escapes_controls_and_keeps_text():
 def test_cli_tables_escape_control_characters(hostile_files, hostile_store):
     _, _, analysed, _ = hostile_files
     for raw in RAW_CONTROLS:
-        assert raw not in analysed.stdout
+        assert raw not in analysed.stdout and raw not in analysed.stderr
+    assert "samples\\x1b[31m.csv" in analysed.stderr  # the log line, escaped
     assert "=\\x1b[31mE\\u202e.fcs" in analysed.stdout and "\\tT.fcs" in analysed.stdout
     root, _, from_store = hostile_store
     outputs = [from_store.stdout, _cli("persistence", "--store", root / "store").stdout,

@@ -459,13 +459,20 @@ def _add_logging_options(command):
     group.add_argument("-q", "--quiet", action="store_true", help="log errors only on stderr")
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control and bidi characters escaped (messages name files and subjects), lines kept."""
+
+    def format(self, record):
+        return "\n".join(printable(line) for line in super().format(record).splitlines())
+
+
 def _configure_logging(args):
     """One stderr handler on the package loggers, at the level ``--verbose``/``--quiet`` ask for."""
     verbose = getattr(args, "verbose", 0) or 0
     level = logging.ERROR if getattr(args, "quiet", False) else \
         logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)  # the stderr of this call (tests capture it)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     handler._cytometry_cli = True
     for name in ("cytometry", "gating"):
         package = logging.getLogger(name)
