@@ -12,7 +12,8 @@ for ``p`` (Clopper–Pearson) maps to an exact interval for the ratio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 from scipy.stats import beta, chi2
 
@@ -91,6 +92,10 @@ class Count:
         Fewer than ``lloq_events`` events: report as "< LLOQ" with the value.
     method : str
         ``"beads"`` for single-platform bead counting.
+    rescaled : callable or None
+        ``rescaled(k)`` is the count from ``k`` times the blood if the value
+        holds (every Poisson count behind it times ``k``); set by the
+        counting functions, ``None`` for a count made by hand.
     """
 
     events: int
@@ -98,6 +103,18 @@ class Count:
     ci95: tuple
     below_lloq: bool
     method: str = "beads"
+    # A partial of a module function, not a lambda: a Count still pickles into and out of worker processes.
+    rescaled: object = field(default=None, repr=False, compare=False)
+
+    def acquired_times(self, factor):
+        """The count ``factor`` times the volume acquired would give, if the value holds; ``None`` if unknown.
+
+        Examples
+        --------
+        >>> bead_count(26, 4751, 50120, 50.0).acquired_times(4.0).events
+        104
+        """
+        return None if self.rescaled is None else self.rescaled(factor)
 
     def as_dict(self):
         return {"events": int(self.events), "cells_per_ul": round(float(self.cells_per_ul), 4),
@@ -148,7 +165,15 @@ def bead_count(cell_events, bead_events, beads_per_test, sample_volume_ul, *,
         ci95=(lower * scale, upper * scale),
         below_lloq=cell_events < lloq_events,
         method="beads",
+        rescaled=partial(_bead_count_times, int(cell_events), int(bead_events), beads_per_test, sample_volume_ul,
+                         lloq_events, confidence),
     )
+
+
+def _bead_count_times(cell_events, bead_events, beads_per_test, sample_volume_ul, lloq_events, confidence, factor):
+    """``factor`` times the blood through the same tube: cell and bead events both scale."""
+    return bead_count(round(cell_events * factor), max(1, round(bead_events * factor)), beads_per_test,
+                      sample_volume_ul, lloq_events=lloq_events, confidence=confidence)
 
 
 #: Events at which a population is "detected" (Poisson: P(0 | 3 expected) ≈ 5%).
@@ -202,7 +227,15 @@ def volumetric_count(cell_events, vol_nl, dilution_factor=1.0, *, lloq_events=DE
     scale = dilution_factor / (vol_nl / 1000.0)
     lower, upper = poisson_interval(int(cell_events), confidence)
     return Count(events=int(cell_events), cells_per_ul=cell_events * scale, ci95=(lower * scale, upper * scale),
-                 below_lloq=cell_events < lloq_events, method="volumetric")
+                 below_lloq=cell_events < lloq_events, method="volumetric",
+                 rescaled=partial(_volumetric_count_times, int(cell_events), vol_nl, dilution_factor, lloq_events,
+                                  confidence))
+
+
+def _volumetric_count_times(cell_events, vol_nl, dilution_factor, lloq_events, confidence, factor):
+    """``factor`` times the volume analysed: the events and ``$VOL`` both scale."""
+    return volumetric_count(round(cell_events * factor), vol_nl * factor, dilution_factor, lloq_events=lloq_events,
+                            confidence=confidence)
 
 
 def dual_platform_count(cell_events, lymphocyte_events, lymphocytes_per_ul, *, lymphocytes_cv=None,
@@ -238,7 +271,17 @@ def dual_platform_count(cell_events, lymphocyte_events, lymphocytes_per_ul, *, l
         lower, upper = lower / widen, upper * widen
         method = f"dual-platform (lymphocyte count CV {lymphocytes_cv:g} included)"
     return Count(events=int(cell_events), cells_per_ul=proportion * lymphocytes_per_ul, ci95=(lower, upper),
-                 below_lloq=cell_events < lloq_events, method=method)
+                 below_lloq=cell_events < lloq_events, method=method,
+                 rescaled=partial(_dual_platform_count_times, int(cell_events), int(lymphocyte_events),
+                                  lymphocytes_per_ul, lymphocytes_cv, lloq_events, confidence))
+
+
+def _dual_platform_count_times(cell_events, lymphocyte_events, lymphocytes_per_ul, lymphocytes_cv, lloq_events,
+                               confidence, factor):
+    """``factor`` times the events acquired; the analyser's own uncertainty does not shrink with them."""
+    return dual_platform_count(round(cell_events * factor), max(1, round(lymphocyte_events * factor)),
+                               lymphocytes_per_ul, lymphocytes_cv=lymphocytes_cv, lloq_events=lloq_events,
+                               confidence=confidence)
 
 
 def detection_limits(background_events=0.0, background_variance=None, *, lod_events=DEFAULT_LOD_EVENTS,

@@ -148,8 +148,9 @@ def test_keywords_and_ids_never_become_paths(tmp_path):
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
     assert written <= {"in", "out"}
     assert not (tmp_path.parent / "escaped.fcs").exists() and not (tmp_path.parent / "evil.kinetics.png").exists()
-    [kinetics] = list((out / "kinetics").iterdir())  # the ID is made file-safe: "../../evil" -> "_.._evil"
-    assert kinetics.name == "_.._evil.kinetics.png" and kinetics.parent == out / "kinetics"
+    [kinetics] = list((out / "kinetics").iterdir())  # made file-safe: "../../evil" -> "_.._evil-<hash of the ID>"
+    assert re.fullmatch(r"_\.\._evil-[0-9a-f]{10}\.kinetics\.png", kinetics.name)
+    assert kinetics.parent == out / "kinetics"
 
 
 @pytest.mark.parametrize("datatype,byteord,dtype,bits", [("F", "1,2,3,4", "<f4", 32), ("F", "4,3,2,1", ">f4", 32),

@@ -25,6 +25,7 @@ from cytometry.batch.store import (REPORT_EVENTS, ResultStore, event_sample, gat
                                    params_hash)
 from cytometry.loading.fcs import file_sha256
 from cytometry.loading.manifest import check_manifest
+from cytometry.outputs.formatting import safe_name
 from cytometry.outputs.plots import save_gating_figure
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def write_artifacts(gated, result, plots_dir=None, gatingml_dir=None):
         if gatingml_dir:
             out_dir = Path(gatingml_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            target = out_dir / f"{Path(path).stem}.gating.xml"
+            target = out_dir / f"{safe_name(Path(path).stem)}.gating.xml"
             with open(target, "wb") as fh:
                 export_gating(gated, fh)
             result["gatingml"] = str(target)

@@ -43,7 +43,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cytometry.outputs.formatting import count_text, format_sig
+from cytometry.outputs.formatting import count_text, format_sig, printable, safe_name
 
 SCREENING_RULE = ("latest screening tube with a valid verdict decides; qc_fail tubes never override a valid one; "
                   "a re-acquisition supersedes an earlier indeterminate tube")
@@ -463,29 +463,38 @@ def _one_tube_per_visit(items):
     return kept
 
 
-_FORMULA_START = ("=", "+", "-", "@")
+# OWASP's CSV-injection rule: a cell starting with one of these may be run as a formula by a spreadsheet.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def safe_cell(value):
-    """A CSV cell a spreadsheet will not run: text starting with = + - @ gets a leading quote.
+    r"""A CSV cell a spreadsheet will not run: text starting with ``= + - @``, tab or CR gets a leading ``'``.
 
-    Numbers are left alone (a negative number is data, not a formula).
+    Numbers are left alone, and so is text that is a plain number (a study
+    day ``-14`` read as text): a negative number is data, not a formula, and
+    must stay usable as a number. Any other text starting with one of those
+    characters (``-1+A1``, a file name starting with a tab) is prefixed.
 
     Examples
     --------
-    >>> safe_cell("=HYPERLINK(1)"), safe_cell(-2.5), safe_cell("S01")
-    ("'=HYPERLINK(1)", -2.5, 'S01')
+    >>> safe_cell("=HYPERLINK(1)"), safe_cell(-2.5), safe_cell("-14"), safe_cell("\tS01.fcs"), safe_cell("S01")
+    ("'=HYPERLINK(1)", -2.5, '-14', "'\tS01.fcs", 'S01')
     """
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
         return "'" + value
     return value
 
 
 def write_csv(path_or_handle, columns, rows):
-    """Write rows (dicts) with the given ``(header, key)`` columns, neutralising formula cells."""
+    """Write rows (dicts) with the given ``(header, key)`` columns, neutralising formula cells (:func:`safe_cell`).
+
+    A file is UTF-8; a file name that is not (its undecodable bytes) is
+    written with backslash escapes (``\\udcff``) rather than failing.
+    """
     close = False
     if isinstance(path_or_handle, (str, Path)):
-        handle = open(path_or_handle, "w", newline="")
+        handle = open(path_or_handle, "w", newline="", encoding="utf-8", errors="backslashreplace")
         close = True
     else:
         handle = path_or_handle
@@ -605,23 +614,40 @@ def kinetics_figure(subject):
                        label="B-cell aplasia")
     axes[1].set_xlabel("study day")
     cmax = subject.get("cmax")
-    title = f"{subject['subject_id']}: Cmax {format_sig(cmax)}/uL on day {subject.get('tmax_day')}" if cmax else \
-        f"{subject['subject_id']}: no quantifiable CAR+ value"
+    name = printable(subject["subject_id"])  # control characters drawn as escapes, as in the tables
+    title = f"{name}: Cmax {format_sig(cmax)}/uL on day {subject.get('tmax_day')}" if cmax else \
+        f"{name}: no quantifiable CAR+ value"
     if subject.get("auc_0_28") is not None:
         title += f", AUC0-28 {format_sig(subject['auc_0_28'], 4)} cells/uL x day"
-    fig.suptitle(title, fontsize=10)
+    # The subject ID is data, not matplotlib math: an ID such as ``x$^$`` is drawn as written.
+    fig.suptitle(title, fontsize=10, parse_math=False, usetex=False)
     fig.tight_layout()
     return fig
 
 
 def save_kinetics_figure(subject, out_dir):
-    """Write ``<subject>.kinetics.png`` (the name made file-safe) and return its path."""
+    """Write ``<subject>.kinetics.png`` and return its path.
 
+    The name is :func:`cytometry.outputs.formatting.safe_name` of the subject
+    ID: ``S01`` writes ``S01.kinetics.png``; an ID that is not a safe file
+    name (``S/01``, 300 characters) gets a safe one with a hash suffix, so two
+    subjects never write the same file. The title draws the ID as written
+    (no matplotlib math).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.TemporaryDirectory()
+    >>> [save_kinetics_figure({"subject_id": s, "timeline": []}, d.name).name for s in ("S_01", "S/01", "x$^$")]
+    ['S_01.kinetics.png', 'S_01-6461d37fd2.kinetics.png', 'x___-a68438872b.kinetics.png']
+    >>> d.cleanup()
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(subject["subject_id"])).lstrip(".") or "subject"
-    target = out_dir / f"{safe}.kinetics.png"
+    target = out_dir / f"{safe_name(subject['subject_id'])}.kinetics.png"
     fig = kinetics_figure(subject)
-    fig.savefig(target, dpi=90)
-    plt.close(fig)
+    try:
+        fig.savefig(target, dpi=90)
+    finally:
+        plt.close(fig)
     return target

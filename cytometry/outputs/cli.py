@@ -4,7 +4,10 @@ Exit codes: 0 every sample ok, 1 some sample failed (the others are still
 reported), 2 usage error (including a manifest with problems, all listed in
 one message before anything is analysed, and a run whose parameters differ
 from its store's). Errors are one line on stderr naming the file; a
-traceback only with ``--debug``. Log messages (module loggers under
+traceback only with ``--debug``. Text from files, file names and the
+manifest is printed through :func:`cytometry.outputs.formatting.printable`:
+control and bidi characters appear as visible escapes (``\\x1b``,
+``\\u202e``), never raw on a terminal. Log messages (module loggers under
 ``cytometry``) go to stderr: warnings by default, ``--verbose`` adds what
 each step does, ``--quiet`` leaves errors only; stdout is the same either way.
 """
@@ -30,7 +33,7 @@ from cytometry.decisions.subjects import (ELIGIBILITY_COLUMNS, PERSISTENCE_COLUM
 from cytometry.loading.fcs import FcsError, read_fcs
 from cytometry.loading.manifest import ManifestError, check_manifest, read_manifest
 from cytometry.loading.panel import PanelError, match_marker, resolve_panel
-from cytometry.outputs.formatting import count_text, format_sig, interval_text
+from cytometry.outputs.formatting import count_text, format_sig, interval_text, printable
 from cytometry.outputs.report import write_report
 from gating.panels import PanelDefinitionError, load_panels
 
@@ -91,6 +94,7 @@ def _format_table(results):
             r["eligibility"]["verdict"] if r.get("eligibility") else "",
             "; ".join(r["qc_flags"]),
         ])
+    rows = [[printable(cell) for cell in row] for row in rows]  # escapes first, so the widths are what is shown
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -144,7 +148,7 @@ def _analyse_run(args):
 
     def report_error(result):
         if result["status"] == "error":
-            print(f"error: {result['file']}: {result['error']}", file=sys.stderr)
+            print(printable(f"error: {result['file']}: {result['error']}"), file=sys.stderr)
 
     logger.info("%d FCS files to analyse%s", len(files), f" with {args.manifest}" if manifest else "")
     try:
@@ -233,7 +237,7 @@ def _store_results(path, args=None):
     if args is not None:
         args.parameter_set = name
     if not getattr(args, "quiet", False):
-        print(f"{path}: parameter set {name}, {len(results)} samples", file=sys.stderr)
+        print(printable(f"{path}: parameter set {name}, {len(results)} samples"), file=sys.stderr)
     return results
 
 
@@ -266,10 +270,10 @@ def cmd_eligibility(args):
         for row in rows:
             value = "" if row["value"] is None else f"{format_sig(row['value'])} {interval_text(row['ci95'])}"
             events = "" if row["events"] is None else str(row["events"])
-            print(f"{row['subject_id']:10s} {row['verdict']:14s} {value:26s} {events:>6s}  "
-                  f"{Path(row['file']).name}")
+            print(f"{printable(row['subject_id']):10s} {row['verdict']:14s} {value:26s} {events:>6s}  "
+                  f"{printable(Path(row['file']).name)}")
             for reason in row["reasons"]:
-                print(f"{'':12s}- {reason}")
+                print(f"{'':12s}- {printable(reason)}")
         print(f"\n{len(rows)} subjects; rule: {rows[0]['rule'] if rows else ''}")
     return _exit_code(results)
 
@@ -277,22 +281,33 @@ def cmd_eligibility(args):
 def cmd_persistence(args):
     results = _subject_results(args)
     subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold))
+    figures_failed = False
     if args.plots:
         for subject in subjects:
-            subject["kinetics_figure"] = str(save_kinetics_figure(subject, args.plots))
+            try:
+                subject["kinetics_figure"] = str(save_kinetics_figure(subject, args.plots))
+            except Exception as exc:  # one figure that cannot be written loses neither the others nor the CSV/JSON
+                if args.debug:
+                    raise
+                figures_failed = True
+                subject["kinetics_figure_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                print(printable(f"error: {args.plots}: kinetics figure of subject {subject['subject_id']} not "
+                                f"written ({subject['kinetics_figure_error']})"), file=sys.stderr)
+    code = EXIT_SAMPLE_FAILED if figures_failed else _exit_code(results)
     if args.csv:
         write_csv(args.csv, PERSISTENCE_COLUMNS, persistence_csv_rows(subjects))
     if args.json:
         json.dump(_document(args, {"subjects": subjects}), sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return _exit_code(results)
+        return code
     for subject in subjects:
-        print(f"subject {subject['subject_id']}")
+        print(f"subject {printable(subject['subject_id'])}")
         print(f"  {'day':>5s}  {'CAR+ T/uL [95% CI]':28s} {'B cells/uL':12s} flags")
         for point in subject["timeline"]:
             car, b = point.get("car_t"), point.get("b_cells")
             car_text, b_text = count_text(car), count_text(b, interval=False)
-            print(f"  {str(point['study_day']):>5s}  {car_text:28s} {b_text:12s} {'; '.join(point['qc_flags'])[:60]}")
+            flags = printable("; ".join(point["qc_flags"]))[:60]
+            print(f"  {printable(point['study_day']):>5s}  {car_text:28s} {b_text:12s} {flags}")
         cmax = "none quantifiable" if subject["cmax"] is None else \
             f"{format_sig(subject['cmax'])}/uL on day {subject['tmax_day']}"
         auc = "-" if subject["auc_0_28"] is None else f"{format_sig(subject['auc_0_28'], 4)} cells/uL x day"
@@ -308,8 +323,8 @@ def cmd_persistence(args):
                   f"({subject['aplasia_duration_days']} days)")
         for point in subject["timeline"]:
             for check in point.get("t_cell_crosscheck") or []:
-                print(f"  {crosscheck_text(check)}")
-    return _exit_code(results)
+                print(f"  {printable(crosscheck_text(check))}")
+    return code
 
 
 def inspect_file(path):
@@ -340,31 +355,31 @@ def cmd_inspect(args):
     try:
         info = inspect_file(args.file)
     except FcsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(printable(f"error: {exc}"), file=sys.stderr)
         return EXIT_SAMPLE_FAILED
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
-    print(f"file        {info['file']}")
+    print(f"file        {printable(info['file'])}")
     print(f"sha256      {info['sha256']}")
     print(f"FCS version {info['fcs_version']}   events {info['events']}   $DATATYPE {info['datatype']}")
     spill = info["spillover_keyword"] or "none"
     vol = f"{info['vol_nl']:g} nL" if info["vol_nl"] is not None else "absent"
     print(f"spillover   {spill}   $VOL {vol}")
     print("channels:")
-    width = max(len(c["name"]) for c in info["channels"])
+    width = max(len(printable(c["name"])) for c in info["channels"])
     for i, c in enumerate(info["channels"], start=1):
         resolved = f"-> {c['resolved_marker']}" if c["resolved_marker"] else ""
-        print(f"  P{i:<3} {c['name'].ljust(width)}  {(c['marker'] or '').ljust(18)} range {c['range']:<9g} "
-              f"{resolved}")
+        print(f"  P{i:<3} {printable(c['name']).ljust(width)}  {printable(c['marker'] or '').ljust(18)} "
+              f"range {c['range']:<9g} {printable(resolved)}")
     if info["panel"]:
         markers = ", ".join(f"{m}={ch}" for m, ch in info["panel"]["markers"].items())
-        print(f"panel       {info['panel']['name'].upper()}: {markers}")
+        print(printable(f"panel       {info['panel']['name'].upper()}: {markers}"))
     else:
-        print(f"panel       not resolved: {info['panel_error']}")
+        print(printable(f"panel       not resolved: {info['panel_error']}"))
     for key, value in info["keywords"].items():
-        print(f"  {key.upper():<16} {value}")
+        print(printable(f"  {key.upper():<16} {value}"))
     return EXIT_OK
 
 
@@ -437,13 +452,20 @@ def _add_logging_options(command):
     group.add_argument("-q", "--quiet", action="store_true", help="log errors only on stderr")
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control and bidi characters escaped (messages name files and subjects), lines kept."""
+
+    def format(self, record):
+        return "\n".join(printable(line) for line in super().format(record).splitlines())
+
+
 def _configure_logging(args):
     """One stderr handler on the package loggers, at the level ``--verbose``/``--quiet`` ask for."""
     verbose = getattr(args, "verbose", 0) or 0
     level = logging.ERROR if getattr(args, "quiet", False) else \
         logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)  # the stderr of this call (tests capture it)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     handler._cytometry_cli = True
     for name in ("cytometry", "gating"):
         package = logging.getLogger(name)
@@ -547,7 +569,8 @@ def main(argv=None):
     try:
         return args.func(args)
     except UsageError as exc:
-        print(f"cytometry: error: {exc}", file=sys.stderr)
+        # A usage error may list one problem a line (a manifest's): each line escaped, the lines kept.
+        print("\n".join(printable(line) for line in f"cytometry: error: {exc}".splitlines()), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cytometry: interrupted", file=sys.stderr)
@@ -558,7 +581,7 @@ def main(argv=None):
     except Exception as exc:  # last resort: one line unless --debug
         if getattr(args, "debug", False):
             raise
-        print(f"cytometry: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        print(printable(f"cytometry: error: {type(exc).__name__}: {exc}".splitlines()[0]), file=sys.stderr)
         return EXIT_SAMPLE_FAILED
 
 

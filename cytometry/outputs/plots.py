@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter
 
-from cytometry.outputs.formatting import format_sig
+from cytometry.outputs.formatting import format_sig, printable, safe_name
 from cytometry.preprocess import LOGICLE_DEFAULTS
 from gating.geometry import Dimension, Gate, axis_values
 from gating.panels import is_fluorescence
@@ -372,11 +372,12 @@ def gating_figure(source, title=None):
                   bbox_to_anchor=(0.0, -0.14), borderaxespad=0.0)
     for ax in axes.ravel()[len(steps):]:
         ax.axis("off")
-    heading = title or view.title
+    heading = printable(title or view.title)  # a file name's control characters drawn as escapes
     if view.data.shape[0] < view.n_events:
         heading += (f" — dots: a random {view.data.shape[0]:,} of {view.n_events:,} events;"
                     f" counts from every event")
-    fig.suptitle(heading, fontsize=13)
+    # The file name is data, not matplotlib math: ``a$^$.fcs`` is drawn as written.
+    fig.suptitle(heading, fontsize=13, parse_math=False, usetex=False)
     fig.tight_layout()
     return fig
 
@@ -385,13 +386,17 @@ def save_gating_figure(gated, out_dir, title=None):
     """Write ``<file stem>.gating.png`` into ``out_dir`` and return its path.
 
     The name comes from the FCS file's own name on disk (never from keywords
-    inside the file), so a crafted ``$FIL`` cannot choose where it is written.
+    inside the file), so a crafted ``$FIL`` cannot choose where it is written,
+    made safe by :func:`cytometry.outputs.formatting.safe_name` (a hash
+    suffix when it had to be changed or cut).
     """
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{Path(str(gated.sample.path)).stem}.gating.png"
+    target = out_dir / f"{safe_name(Path(str(gated.sample.path)).stem)}.gating.png"
     fig = gating_figure(gated, title)
-    fig.savefig(target, dpi=90)
-    plt.close(fig)
+    try:
+        fig.savefig(target, dpi=90)
+    finally:
+        plt.close(fig)
     return target

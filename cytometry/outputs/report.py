@@ -18,7 +18,10 @@ exact gating that produced the counts, wherever it is run from:
 Numbers measured from events are rounded to three significant figures
 (:func:`cytometry.outputs.formatting.format_sig`); event counts are exact. A print
 stylesheet keeps each sample on its own pages when printed to PDF. Every
-value that comes from a file, a manifest or a keyword is HTML-escaped.
+value that comes from a file, a manifest or a keyword is HTML-escaped, its
+control and bidi characters written as visible escapes
+(:func:`cytometry.outputs.formatting.printable`). A figure that cannot be
+drawn is said in its place; the rest of the report is still written.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from tqdm import tqdm
 from cytometry._version import __version__
 from cytometry.batch.store import ResultStore
 from cytometry.decisions.subjects import crosscheck_text, kinetics_figure, persistence, screening_decisions
-from cytometry.outputs.formatting import count_text, format_sig, interval_text
+from cytometry.outputs.formatting import count_text, format_sig, interval_text, printable
 from cytometry.outputs.plots import GatingView, gating_figure
 
 logger = logging.getLogger(__name__)
@@ -80,13 +83,16 @@ CHECK_OUTCOME = {"info": "pass", "warning": "flag", "fail": "fail"}
 
 
 def _e(value):
-    return html.escape("" if value is None else str(value), quote=True)
+    # Controls and bidi overrides as visible escapes first: html.escape leaves them raw.
+    return html.escape(printable(value), quote=True)
 
 
 def _png(fig, dpi=100):
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:  # closed even when drawing fails, so a long report does not keep failed figures open
+        plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -350,11 +356,16 @@ def _sample_section(result, store, parameter_set, figures):
                          "(the entry was written without them). Analyse it into a new store with "
                          "<code>cytometry analyze … --out STORE</code>, which keeps them.</p>")
         elif view:
-            figure = gating_figure(view)
-            parts.append(f"<h3>Gating</h3><figure><img class='gating' alt='gating {_e(name)}' src='{_png(figure)}'>"
-                         f"<figcaption>{_e(name)}: drawn from the store's events, masks and gates.</figcaption>"
-                         "</figure>")
-            drawn = True
+            try:
+                image = _png(gating_figure(view))
+            except Exception as exc:  # one figure that cannot be drawn is said, the report goes on
+                parts.append(f"<p class='missing'>{_e(name)}: gating figure not drawn "
+                             f"({_e(type(exc).__name__)}: {_e(exc)})</p>")
+            else:
+                parts.append(f"<h3>Gating</h3><figure><img class='gating' alt='gating {_e(name)}' src='{image}'>"
+                             f"<figcaption>{_e(name)}: drawn from the store's events, masks and gates.</figcaption>"
+                             "</figure>")
+                drawn = True
     parts.append("<h3>Audit</h3>")
     parts.append(_audit(result, provenance, parameter_set))
     parts.append("</section>")
@@ -466,7 +477,13 @@ def build_report(results, thumbnails=True, aplasia=None, store=None, parameter_s
             if crosschecks:
                 parts.append("<ul>" + "".join(f"<li class='{'error' if c['flagged'] else 'ok'}'>"
                                               f"{_e(crosscheck_text(c))}</li>" for c in crosschecks) + "</ul>")
-            parts.append(f"<img alt='kinetics {_e(subject['subject_id'])}' src='{_png(kinetics_figure(subject), 80)}'>")
+            try:
+                image = _png(kinetics_figure(subject), 80)
+            except Exception as exc:  # said in its place; the other subjects and samples are still reported
+                parts.append(f"<p class='missing'>kinetics figure of {_e(subject['subject_id'])} not drawn "
+                             f"({_e(type(exc).__name__)}: {_e(exc)})</p>")
+            else:
+                parts.append(f"<img alt='kinetics {_e(subject['subject_id'])}' src='{image}'>")
 
     parts.append("<h2>Per sample</h2>")
     without = []
