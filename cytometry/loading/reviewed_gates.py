@@ -238,6 +238,7 @@ def _transform_top(transform):
 def _check_against_file(path, strategy, sample):
     """Every gate's channels, transforms and compensation must fit the FCS file."""
     pnn = list(sample.pnn)
+    dimensions = []
     for name, gate_path in strategy.get_gate_ids():
         gate = strategy.get_gate(name, gate_path)
         for dimension in getattr(gate, "dimensions", None) or []:
@@ -247,34 +248,36 @@ def _check_against_file(path, strategy, sample):
             if channel not in pnn:
                 raise ReviewedGatesError(path, f"gate {name!r} uses channel {channel!r}, which the file does not "
                                                f"have (channels: {', '.join(pnn)})")
-            reference = getattr(dimension, "transformation_ref", None)
-            if reference:
-                try:
-                    transform = strategy.get_transform(reference)
-                except Exception:
-                    raise ReviewedGatesError(path, f"gate {name!r} refers to transform {reference!r}, which the "
-                                                   "file does not define") from None
-                top = _transform_top(transform)
-                file_top = sample.channel_top(pnn.index(channel))
-                if top is not None and not np.isclose(top, file_top, rtol=1e-6):
-                    raise ReviewedGatesError(path, f"gate {name!r}: transform {reference!r} has T = {top:g} but "
-                                                   f"channel {channel} has range {file_top:g} in the FCS file (gates "
-                                                   "drawn on another scale)")
-            compensation = getattr(dimension, "compensation_ref", None)
-            if compensation in (None, "uncompensated", "FCS", "Acquisition-defined"):
-                if compensation in ("FCS",) and sample.spillover is None:
-                    raise ReviewedGatesError(path, f"gate {name!r} asks for the file's compensation, and the "
-                                                   "file has no spillover matrix")
-                continue
+            dimensions.append((name, channel, dimension))
+    for name, channel, dimension in dimensions:
+        reference = getattr(dimension, "transformation_ref", None)
+        if reference:
             try:
-                matrix = strategy.get_comp_matrix(compensation)
+                transform = strategy.get_transform(reference)
             except Exception:
-                raise ReviewedGatesError(path, f"gate {name!r} refers to compensation {compensation!r}, which "
-                                               "the file does not define") from None
-            missing = [d for d in matrix.detectors if d not in pnn]
-            if missing:
-                raise ReviewedGatesError(path, f"compensation {compensation!r} names detectors the FCS file does "
-                                               f"not have: {', '.join(missing)}")
+                raise ReviewedGatesError(path, f"gate {name!r} refers to transform {reference!r}, which the "
+                                               "file does not define") from None
+            top = _transform_top(transform)
+            file_top = sample.channel_top(pnn.index(channel))
+            if top is not None and not np.isclose(top, file_top, rtol=1e-6):
+                raise ReviewedGatesError(path, f"gate {name!r}: transform {reference!r} has T = {top:g} but "
+                                               f"channel {channel} has range {file_top:g} in the FCS file (gates "
+                                               "drawn on another scale)")
+        compensation = getattr(dimension, "compensation_ref", None)
+        if compensation in (None, "uncompensated", "FCS", "Acquisition-defined"):
+            if compensation in ("FCS",) and sample.spillover is None:
+                raise ReviewedGatesError(path, f"gate {name!r} asks for the file's compensation, and the "
+                                               "file has no spillover matrix")
+            continue
+        try:
+            matrix = strategy.get_comp_matrix(compensation)
+        except Exception:
+            raise ReviewedGatesError(path, f"gate {name!r} refers to compensation {compensation!r}, which "
+                                           "the file does not define") from None
+        missing = [d for d in matrix.detectors if d not in pnn]
+        if missing:
+            raise ReviewedGatesError(path, f"compensation {compensation!r} names detectors the FCS file does "
+                                           f"not have: {', '.join(missing)}")
 
 
 def flowkit_sample(sample, sample_id=None):
