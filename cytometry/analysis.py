@@ -366,19 +366,25 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_err
         automatic = result
         try:
             reviewed, audit = apply_reviewed_gates(gated, gates, gate_map)
-        except ReviewedGatesError as exc:
+            result = _count(reviewed, manifest_row, options, _base_result(path, manifest_row), screening)
+        except Exception as exc:
             if raise_errors:
                 raise
+            if isinstance(exc, ReviewedGatesError):
+                problem = exc.problem
+                named = exc.path.name
+            else:  # not foreseen: still one line, still naming the reviewed file
+                problem = f"cannot be applied ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                named = Path(gates).name
             # The automatic result stands (and is kept); the reviewed one is an error, never a silent fallback.
             result = _base_result(path, manifest_row)
-            result.update(status="error", error=f"reviewed gates {exc}", sha256=automatic["sha256"],
+            result.update(status="error", error=f"reviewed gates {named}: {problem}", sha256=automatic["sha256"],
                           panel=automatic["panel"], automatic_result=automatic,
                           gating={"source": "reviewed", "reviewed_gates": {"file": Path(gates).name,
-                                                                           "error": exc.problem}})
+                                                                           "error": problem}})
             if screening:
                 result["eligibility"] = decide(None, options.rule, [result["error"]])
             return result
-        result = _count(reviewed, manifest_row, options, _base_result(path, manifest_row), screening)
         audit["automatic"] = {"verdict": (automatic.get("eligibility") or {}).get("verdict"),
                               "populations": {name: {key: entry.get(key) for key in ("events", "cells_per_ul", "ci95")}
                                               for name, entry in automatic["populations"].items()}}
@@ -703,12 +709,14 @@ def apply_reviewed_gates(gated, gates, gate_map=None):
         if gate_path is None and population != "bead_bright":
             flags.append(Flag(population, "not_gated_in_review", "fail",
                               f"not gated in the reviewed gates {gates.name} (mapping: -)"))
+    # The population tree (parents) stays this package's: % of parent and unreliable ancestors mean the same.
     gating = GatingResult(masks=masks, gates=evaluated.gates, flags=[], device=automatic.device,
-                          params=automatic.params, parents=dict(automatic.parents), populations=list(automatic.populations),
-                          panel=automatic.panel)
+                          params=automatic.params, parents=dict(automatic.parents),
+                          populations=list(automatic.populations), panel=automatic.panel)
     moved = {}
+    nothing = np.zeros(sample.n_events, dtype=bool)
     for population in required:
-        before, after = np.asarray(automatic.masks.get(population, np.zeros(sample.n_events, bool)), bool), masks[population]
+        before, after = np.asarray(automatic.masks.get(population, nothing), dtype=bool), masks[population]
         moved[population] = {"automatic_events": int(before.sum()), "reviewed_events": int(after.sum()),
                              "moved_in": int((after & ~before).sum()), "moved_out": int((before & ~after).sum())}
     audit = {"file": gates.name, "path": str(gates), "sha256": reviewed.sha256, "format": reviewed.kind,

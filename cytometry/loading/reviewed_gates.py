@@ -39,6 +39,8 @@ NOT_GATED = "-"
 PATH_SEPARATOR = ">"
 #: Workspace keywords compared with the file's (another acquisition under the same name is refused).
 IDENTITY_KEYWORDS = ("fil", "date", "btim", "etim", "tot")
+#: The scale the automatic gates (and the figures) put each scatter channel on; fluorescence is logicle.
+AXIS_SCALES = {"FSC-A": "linear", "FSC-H": "linear", "SSC-A": "log"}
 #: What the export writes for an infinite bound (:data:`gating.gatingml._NOTHING`).
 _NOTHING = 1e12
 
@@ -402,7 +404,10 @@ def evaluate_reviewed_gates(reviewed, sample, populations, mapping=None, *, opti
         masks[population] = np.asarray(results.get_gate_membership(gid[0], gate_path=gid[1]), dtype=bool)
         paths[population] = list(gid[1][1:]) + [gid[0]]
     by_gate = {gid: population for population, gid in wanted.items() if gid is not None}
-    gates = [_record_gate(strategy, gid, by_gate.get(gid), sample, channel_keys or {}, logicle or {})
+    # Recorded names: the population a gate serves, else the reviewer's name when it is no population's.
+    names = {gid: by_gate.get(gid) or (gid[0] if gid[0] not in set(by_gate.values()) else f"reviewed:{gid[0]}")
+             for gid in gate_ids}
+    gates = [_record_gate(strategy, gid, names, by_gate.get(gid), sample, channel_keys or {}, logicle or {})
              for gid in gate_ids]
     return ReviewedMasks(masks=masks, gate_paths=paths, gates=gates)
 
@@ -430,12 +435,15 @@ def _bound(value):
     return float(np.sign(value) * np.inf) if abs(value) >= _NOTHING else value
 
 
-def _record_gate(strategy, gid, population, sample, channel_keys, logicle):
+def _record_gate(strategy, gid, names, population, sample, channel_keys, logicle):
     """One reviewer's gate as a :class:`gating.geometry.Gate` (for the result, the store and the figures).
 
-    A gate drawn on this package's scales keeps the population's name (the
-    figures draw it); one on another scale (a FlowJo biex, raw values) is
-    named ``reviewed:<name>`` so no figure draws it on the wrong axes.
+    A gate drawn on this package's scales (logicle, linear and log as
+    :mod:`gating.geometry` defines them) keeps its shape and coordinates, so
+    the figures draw it. A gate on another scale (a FlowJo biex, raw values)
+    keeps its numbers for the record, but its shape is ``reviewed <kind>`` and
+    its channels ``<$PnN> (<transform>)``: the figures then show the
+    population's events without drawing a border on the wrong axes.
     """
     name, gate_path = gid
     gate = strategy.get_gate(name, gate_path)
@@ -449,17 +457,26 @@ def _record_gate(strategy, gid, population, sample, channel_keys, logicle):
             transform = _our_transform(strategy.get_transform(reference), sample.channel_top(
                 sample.pnn.index(channel)), logicle)
         key = channel_keys.get(channel)
-        ours = ours and transform is not None and key is not None
-        dimensions.append(Dimension(key if (transform and key) else channel, transform or (reference or "raw"),
-                                    _bound(getattr(dimension, "min", None)), _bound(getattr(dimension, "max", None))))
-    shape = {"RectangleGate": "rectangle", "PolygonGate": "polygon"}.get(kind, kind)
+        # The figures draw every axis on one scale (gating.geometry): a border on another one is not drawn.
+        if transform is None or key is None or transform != AXIS_SCALES.get(key, "logicle"):
+            ours = False
+        if transform and key:
+            dimensions.append(Dimension(key, transform, _bound(getattr(dimension, "min", None)),
+                                        _bound(getattr(dimension, "max", None))))
+        else:
+            dimensions.append(Dimension(f"{channel} ({reference or 'raw'})", reference or "raw",
+                                        getattr(dimension, "min", None), getattr(dimension, "max", None)))
+    shape = {"RectangleGate": "rectangle", "PolygonGate": "polygon"}.get(kind, kind) if ours else f"reviewed {kind}"
     complement_of = None
     if kind == "BooleanGate" and getattr(gate, "type", "") == "not" and gate.gate_refs:
-        shape, complement_of = "not", gate.gate_refs[0]["ref"]
+        reference = gate.gate_refs[0]
+        target = (tuple(reference.get("path") or ()), reference["ref"])
+        shape, complement_of = "not", names.get((target[1], target[0]), reference["ref"])
     vertices = [tuple(float(c) for c in v) for v in getattr(gate, "vertices", None) or []]
-    parent = gate_path[-1] if len(gate_path) > 1 else None
-    recorded = name if (ours or shape == "not") else f"reviewed:{name}"
-    return Gate(name=recorded, parent=parent, shape=shape, dimensions=dimensions, vertices=vertices,
+    parent = None
+    if len(gate_path) > 1:
+        parent = names.get((gate_path[-1], gate_path[:-1]), gate_path[-1])
+    return Gate(name=names[gid], parent=parent, shape=shape, dimensions=dimensions, vertices=vertices,
                 complement_of=complement_of, method=f"reviewed gate {' > '.join(gate_path[1:] + (name,))}",
                 extra={"population": population, "flowkit_gate": kind})
 
