@@ -336,3 +336,18 @@ def test_workspace_of_another_acquisition_under_the_same_name_is_refused(tmp_pat
     result = analyze_file(REAL / "68983.fcs", gates=path, gate_map=GATE_MAP_68983)
     assert result["status"] == "error"
     assert "$TOT '19226'" in result["error"] and "another acquisition" in result["error"]
+
+
+def test_workspace_on_another_scale_is_refused(tmp_path):
+    _need_real()
+    text = (REAL / "gating.wsp").read_text(encoding="utf-8", errors="replace")
+    # Only FlowJo's biex transforms (the fluorescence channels): scatter stays on the file's scale.
+    changed = re.sub(r'(<transforms:biex[^>]*transforms:maxRange=")262144"', r'\g<1>1048576"', text)
+    assert changed != text
+    path = tmp_path / "rescaled.wsp"
+    path.write_text(changed, encoding="utf-8")
+    result = analyze_file(REAL / "68983.fcs", gates=path, gate_map=GATE_MAP_68983)
+    assert result["status"] == "error"
+    assert result["error"].startswith("reviewed gates rescaled.wsp: gate ")
+    assert "T = 1.04858e+06" in result["error"] and "range 262144" in result["error"], result["error"]
+    assert "channel FSC" not in result["error"] and "channel SSC" not in result["error"]

@@ -230,7 +230,7 @@ def _workspace_sample(path, workspace, sample):
 
 def _transform_top(transform):
     """The top of scale (T) a flowkit transform was made with, or ``None`` when it has none."""
-    for attribute in ("param_t", "top"):
+    for attribute in ("param_t", "top", "max_value"):  # GatingML transforms; FlowJo biex (max_value)
         value = getattr(transform, attribute, None)
         if value is not None:
             return float(value)
