@@ -92,7 +92,13 @@ REVIEWED_MARK = "_reviewed_"
 
 
 def is_reviewed_entry(entry):
-    """Whether a store entry (path or name) holds a result counted from reviewed gates."""
+    """Whether a store entry (path or name) holds a result counted from reviewed gates.
+
+    Examples
+    --------
+    >>> is_reviewed_entry("ab12-0123456789abcdef_reviewed_fedcba9876543210.h5"), is_reviewed_entry("ab12-0123.h5")
+    (True, False)
+    """
     return REVIEWED_MARK in Path(entry).stem
 
 
