@@ -697,7 +697,10 @@ def apply_reviewed_gates(gated, gates, gate_map=None):
     reviewed = read_reviewed_gates(gates, sample)
     keys = {pnn: key for key, pnn in {**panel.markers, **panel.scatter}.items()}
     required = list(automatic.populations) + [p for p in ("beads",) if p not in automatic.populations]
-    evaluated = evaluate_reviewed_gates(reviewed, sample, required, mapping, optional=("bead_bright",),
+    # The automatic plan's helper gates (bead_bright, singlets, cd3_negative…), where the reviewed file has
+    # them: the doublet beads and the figures' parent populations.
+    helpers = tuple(g.name for g in automatic.gates if g.name not in required)
+    evaluated = evaluate_reviewed_gates(reviewed, sample, required, mapping, optional=helpers,
                                         channel_keys=keys, logicle=LOGICLE_DEFAULTS, mapping_path=gate_map)
     masks = dict(evaluated.masks)
     # Beads outside the bead scatter (doublets) are known only when the reviewer's file has that gate.
@@ -706,7 +709,7 @@ def apply_reviewed_gates(gated, gates, gate_map=None):
     flags.append(Flag("gating", "reviewed_gates", "info",
                       f"manual gates in effect: {gates.name} (sha256 {reviewed.sha256[:12]})"))
     for population, gate_path in evaluated.gate_paths.items():
-        if gate_path is None and population != "bead_bright":
+        if gate_path is None:
             flags.append(Flag(population, "not_gated_in_review", "fail",
                               f"not gated in the reviewed gates {gates.name} (mapping: -)"))
     # The population tree (parents) stays this package's: % of parent and unreliable ancestors mean the same.
@@ -723,7 +726,8 @@ def apply_reviewed_gates(gated, gates, gate_map=None):
              "workspace_sample": reviewed.sample_id,
              "mapping_file": None if gate_map is None else Path(gate_map).name,
              "mapping_sha256": None if gate_map is None else file_sha256(gate_map),
-             "mapping": {p: (None if path is None else " > ".join(path)) for p, path in evaluated.gate_paths.items()},
+             "mapping": {p: (None if path is None else " > ".join(path)) for p, path in evaluated.gate_paths.items()
+                         if p in required},
              "populations": moved}
     return replace(gated, gating=gating, flags=flags), audit
 

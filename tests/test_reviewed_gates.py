@@ -351,3 +351,12 @@ def test_workspace_on_another_scale_is_refused(tmp_path):
     assert result["error"].startswith("reviewed gates rescaled.wsp: gate ")
     assert "T = 1.04858e+06" in result["error"] and "range 262144" in result["error"], result["error"]
     assert "channel FSC" not in result["error"] and "channel SSC" not in result["error"]
+
+
+def test_reviewed_export_keeps_the_helper_gates_the_figures_and_bead_doublets_need(tmp_path, gated):
+    reviewed, _ = apply_reviewed_gates(gated, _export(tmp_path, gated))
+    for name in ("bead_bright", "not_beads", "singlets", "cd3_negative"):
+        assert np.array_equal(reviewed.gating.masks[name], gated.gating.masks[name]), name
+    result = analyze_file(TUBE, read_manifest(MANIFEST).lookup(TUBE), gates=tmp_path / "auto.gating.xml")
+    automatic = analyze_file(TUBE, read_manifest(MANIFEST).lookup(TUBE))
+    assert result["beads"] == automatic["beads"]

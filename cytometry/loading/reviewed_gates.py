@@ -396,8 +396,13 @@ def evaluate_reviewed_gates(reviewed, sample, populations, mapping=None, *, opti
         wanted[population] = None if target is None else _find_gate(reviewed.path, gate_ids, target, population)
     for population in optional:
         target = mapping.get(population, (population,))
-        if target is not None and any(gid[0] == target[-1] for gid in gate_ids):
-            wanted[population] = _find_gate(reviewed.path, gate_ids, target, population)
+        if target is not None and population not in wanted:
+            # Helper gates (the export's bead_bright, singlets, cd3_negative…): taken when unambiguous.
+            try:
+                wanted[population] = _find_gate(reviewed.path, gate_ids, target, population)
+            except ReviewedGatesError:
+                if population in mapping:
+                    raise
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
