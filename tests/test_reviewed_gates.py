@@ -7,6 +7,7 @@ events themselves (how many B cells lie on each side of the moved cut), never
 written in.
 """
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -69,7 +70,7 @@ def reviewed_run(loop):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # pytest's capsys is per test; this fixture is per module
         code = main(["analyze", str(TUBE), "--manifest", str(MANIFEST), "--out", str(loop["store"]), "--workers",
-                     "1", "--gates", str(loop["moved"]), "--json", "-q"])
+                     "1", "--gates", str(loop["moved"]), "--json", "-q", "--csv", str(loop["folder"] / "run.csv")])
     assert code == 0
     (result,) = json.loads(out.getvalue())["samples"]
     return result
@@ -124,6 +125,10 @@ def test_result_records_the_audit_fields(loop, reviewed_run):
     assert audit["format"] == "gatingml"
     assert audit["mapping"]["b_cells"].endswith("b_cells")
     assert any("manual gates in effect" in flag for flag in reviewed_run["qc_flags"])
+    with open(loop["folder"] / "run.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["gating_source"] == "reviewed" and row["reviewed_gates_sha256"] == audit["sha256"]
+    assert int(row["b_cell_events"]) == audit["populations"]["b_cells"]["reviewed_events"]
 
 
 def test_store_keeps_the_automatic_result_beside_the_reviewed_one(loop, reviewed_run, gated):

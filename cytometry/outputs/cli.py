@@ -193,6 +193,8 @@ SAMPLE_COLUMNS = [
     ("eligibility", lambda r: (r.get("eligibility") or {}).get("verdict")),
     ("flags", lambda r: " | ".join(r.get("qc_flags") or [])),
     ("error", "error"),
+    ("gating_source", lambda r: (r.get("gating") or {}).get("source")),
+    ("reviewed_gates_sha256", lambda r: ((r.get("gating") or {}).get("reviewed_gates") or {}).get("sha256")),
 ]
 
 
