@@ -638,10 +638,9 @@ def reviewed_gates_of(row, gates=None, gate_map=None):
     Manifest paths are relative to the manifest's folder, like its ``file`` column.
     """
     if gates is None and row is not None and row.text("gates"):
-        folder = row.path.parent
-        gates = folder / row.text("gates")
-        if gate_map is None and row.text("gate_map"):
-            gate_map = folder / row.text("gate_map")
+        gates = row.path_of("gates")
+        if gate_map is None:
+            gate_map = row.path_of("gate_map")
     return (Path(gates) if gates is not None else None), (Path(gate_map) if gate_map is not None else None)
 
 

@@ -262,7 +262,7 @@ def test_mapping_file_names_the_gate_and_unknown_populations_are_refused(tmp_pat
         apply_reviewed_gates(gated, path, mapping)
 
 
-def test_manifest_gates_column_counts_that_sample_from_its_reviewed_gates(tmp_path, gated):
+def test_manifest_gates_column_counts_that_sample_from_its_reviewed_gates(tmp_path, capsys, gated):
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copy(TUBE, folder / TUBE.name)
@@ -285,6 +285,7 @@ def test_manifest_gates_column_counts_that_sample_from_its_reviewed_gates(tmp_pa
     (folder / "manifest.csv").write_text(f"{header}\n{row.replace('S01.reviewed.xml', 'absent.xml')}\n")
     code = main(["analyze", str(folder), "--manifest", str(folder / "manifest.csv"), "-q"])
     assert code == 2
+    assert f"row 2 ({TUBE.name}): gates file not found" in capsys.readouterr().err
 
 
 def test_gates_command_one_line_error_for_an_unknown_sample(tmp_path, capsys, loop):

@@ -60,6 +60,22 @@ class ManifestRow:
         except ValueError:
             raise ValueError(f"manifest column {column} is not a number: {text!r}") from None
 
+    def path_of(self, column):
+        """A column naming a file (``gates``, ``gate_map``) as a path relative to the manifest's folder, or ``None``.
+
+        Examples
+        --------
+        >>> row = ManifestRow("run1/a.fcs", Path("study/run1/a.fcs"), {"gates": "review/a.xml"})
+        >>> row.path_of("gates").as_posix(), row.path_of("gate_map")
+        ('study/review/a.xml', None)
+        """
+        text = self.text(column)
+        if not text:
+            return None
+        depth = len(Path(self.file).parts)
+        folder = self.path.parents[depth - 1] if 0 < depth <= len(self.path.parents) else self.path.parent
+        return folder / text
+
     @property
     def extra(self):
         return {k: v for k, v in self.values.items() if k not in KNOWN_COLUMNS}
@@ -217,8 +233,8 @@ def validate_manifest(manifest, files=(), folders=(), options=None, allow_unlist
             problems.append(f"{_label(row)}: file not found ({row.path})")
         # A reviewer's corrected gates (and their mapping), relative to the manifest like the file.
         for column in ("gates", "gate_map"):
-            if row.text(column) and not (row.path.parent / row.text(column)).is_file():
-                problems.append(f"{_label(row)}: {column} file not found ({row.path.parent / row.text(column)})")
+            if row.text(column) and not row.path_of(column).is_file():
+                problems.append(f"{_label(row)}: {column} file not found ({row.path_of(column)})")
         if row.text("gate_map") and not row.text("gates"):
             problems.append(f"{_label(row)}: gate_map without gates (it maps the gates of a reviewed file)")
     listed = set()
