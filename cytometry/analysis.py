@@ -18,11 +18,13 @@ from cytometry.counts import (DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_coun
                               dual_platform_count, volumetric_count)
 from cytometry.decisions.eligibility import EligibilityRule, decide
 from cytometry.decisions.qc import QcRules, run_checks
-from cytometry.loading.fcs import FcsError, read_fcs
+from cytometry.loading.fcs import FcsError, file_sha256, read_fcs
 from cytometry.loading.panel import PanelError, _gather, available_panels, read_panel_file, resolve_panel
+from cytometry.loading.reviewed_gates import (ReviewedGatesError, evaluate_reviewed_gates, read_gate_mapping,
+                                              read_reviewed_gates)
 from cytometry.outputs.formatting import format_sig
 from cytometry.preprocess import LOGICLE_DEFAULTS, compensate, logicle, read_compensation_csv
-from gating import GatingParams, auto_gate
+from gating import GatingParams, GatingResult, auto_gate
 from gating.car import BeadLevel, CarReference
 from gating.flags import Flag, unreliable_populations
 from gating.gatingml import export_gatingml
@@ -310,7 +312,8 @@ def _base_result(path, row):
     return result
 
 
-def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_errors=False):
+def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_errors=False, gates=None,
+                 gate_map=None):
     """Analyse one FCS file into the JSON-ready result of the CLI contract.
 
     Parameters
@@ -325,6 +328,16 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_err
         without gating twice).
     raise_errors : bool
         Raise instead of returning an error result (``--debug``).
+    gates, gate_map : str or Path, optional
+        A reviewer's corrected gates (GatingML 2.0 or a FlowJo workspace)
+        and the mapping of its gate names to populations (see
+        :func:`apply_reviewed_gates`); default: the manifest row's ``gates``
+        and ``gate_map`` columns. The file is gated automatically first
+        (``on_gated`` sees that result, ``gating.source`` ``"automatic"``),
+        then counted again from the reviewed gates: the result returned.
+        When the reviewed gates cannot be used the result is an error
+        naming the reviewed file, with the automatic result intact in
+        ``automatic_result``.
 
     Returns
     -------
@@ -342,11 +355,42 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_err
     options = options or AnalysisOptions()
     result = _base_result(path, manifest_row)
     screening = is_screening(result["visit"])
+    gates, gate_map = reviewed_gates_of(manifest_row, gates, gate_map)
     try:
         gated = gate_file(Path(path), options)
         result = _count(gated, manifest_row, options, result, screening)
         if on_gated is not None:
             on_gated(gated, result)
+        if gates is None:
+            return result
+        automatic = result
+        try:
+            reviewed, audit = apply_reviewed_gates(gated, gates, gate_map)
+            result = _count(reviewed, manifest_row, options, _base_result(path, manifest_row), screening)
+        except Exception as exc:
+            if raise_errors:
+                raise
+            if isinstance(exc, ReviewedGatesError):
+                problem = exc.problem
+                named = exc.path.name
+            else:  # not foreseen: still one line, still naming the reviewed file
+                problem = f"cannot be applied ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                named = Path(gates).name
+            # The automatic result stands (and is kept); the reviewed one is an error, never a silent fallback.
+            result = _base_result(path, manifest_row)
+            result.update(status="error", error=f"reviewed gates {named}: {problem}", sha256=automatic["sha256"],
+                          panel=automatic["panel"], automatic_result=automatic,
+                          gating={"source": "reviewed", "reviewed_gates": {"file": Path(gates).name,
+                                                                           "error": problem}})
+            if screening:
+                result["eligibility"] = decide(None, options.rule, [result["error"]])
+            return result
+        audit["automatic"] = {"verdict": (automatic.get("eligibility") or {}).get("verdict"),
+                              "populations": {name: {key: entry.get(key) for key in ("events", "cells_per_ul", "ci95")}
+                                              for name, entry in automatic["populations"].items()}}
+        result["gating"].update(source="reviewed", reviewed_gates=audit)
+        if on_gated is not None:
+            on_gated(reviewed, result)
         return result
     except Exception as exc:  # one bad file must never stop a batch
         if raise_errors:
@@ -588,6 +632,105 @@ def gate_file(path, options=None):
                        gating=gating, flags=flags)
 
 
+def reviewed_gates_of(row, gates=None, gate_map=None):
+    """The reviewed-gates and mapping paths for a sample: the arguments, else the manifest row's columns.
+
+    Manifest paths are relative to the manifest's folder, like its ``file`` column.
+    """
+    if gates is None and row is not None and row.text("gates"):
+        gates = row.path_of("gates")
+        if gate_map is None:
+            gate_map = row.path_of("gate_map")
+    return (Path(gates) if gates is not None else None), (Path(gate_map) if gate_map is not None else None)
+
+
+def apply_reviewed_gates(gated, gates, gate_map=None):
+    """A gated sample whose gates are a reviewer's corrected ones, and the audit of what moved.
+
+    The reviewed gates (GatingML 2.0 as ``--gatingml`` writes it, edited in
+    FlowJo, FCS Express or FlowKit, or a FlowJo workspace) are checked
+    against the file and evaluated by flowkit on the same events
+    (:mod:`cytometry.loading.reviewed_gates`); each population takes the
+    mask of its gate. The automatic gating's own findings (valleys, cut
+    checks) no longer apply and are dropped; the file's flags (compensation,
+    dropped events) stay. Counting the returned sample with
+    :func:`analyze_gated` is the same code that counts automatic gates: beads,
+    intervals, LLOQ, reviewer checks and the verdict.
+
+    Parameters
+    ----------
+    gated : GatedSample
+        The automatically gated sample.
+    gates : str or Path
+    gate_map : str or Path, optional
+        CSV ``population,gate`` (:func:`cytometry.loading.reviewed_gates.read_gate_mapping`).
+
+    Returns
+    -------
+    (GatedSample, dict)
+        The audit: the reviewed file's name, path, SHA-256 and kind, the
+        mapping, and per population the automatic and reviewed events and
+        the events moved in and out.
+
+    Raises
+    ------
+    ReviewedGatesError
+        One line naming the reviewed (or mapping) file and the problem.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> gated = gate_file("sample_fcs/S01_screening_TBNK.fcs")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = os.path.join(d, "S01.gating.xml")
+    ...     with open(path, "wb") as fh:
+    ...         _ = export_gating(gated, fh)
+    ...     reviewed, audit = apply_reviewed_gates(gated, path)
+    >>> audit["populations"]["b_cells"]
+    {'automatic_events': 551, 'reviewed_events': 551, 'moved_in': 0, 'moved_out': 0}
+    """
+    gates = Path(gates)
+    mapping = read_gate_mapping(gate_map) if gate_map is not None else {}
+    automatic = gated.gating
+    sample, panel = gated.sample, gated.panel
+    reviewed = read_reviewed_gates(gates, sample)
+    keys = {pnn: key for key, pnn in {**panel.markers, **panel.scatter}.items()}
+    required = list(automatic.populations) + [p for p in ("beads",) if p not in automatic.populations]
+    # The automatic plan's helper gates (bead_bright, singlets, cd3_negative…), where the reviewed file has
+    # them: the doublet beads and the figures' parent populations.
+    helpers = tuple(g.name for g in automatic.gates if g.name not in required)
+    evaluated = evaluate_reviewed_gates(reviewed, sample, required, mapping, optional=helpers,
+                                        channel_keys=keys, logicle=LOGICLE_DEFAULTS, mapping_path=gate_map)
+    masks = dict(evaluated.masks)
+    # Beads outside the bead scatter (doublets) are known only when the reviewer's file has that gate.
+    masks.setdefault("bead_bright", masks["beads"])
+    flags = [f for f in gated.flags if not any(f is g for g in automatic.flags)]
+    flags.append(Flag("gating", "reviewed_gates", "info",
+                      f"manual gates in effect: {gates.name} (sha256 {reviewed.sha256[:12]})"))
+    for population, gate_path in evaluated.gate_paths.items():
+        if gate_path is None:
+            flags.append(Flag(population, "not_gated_in_review", "fail",
+                              f"not gated in the reviewed gates {gates.name} (mapping: -)"))
+    # The population tree (parents) stays this package's: % of parent and unreliable ancestors mean the same.
+    gating = GatingResult(masks=masks, gates=evaluated.gates, flags=[], device=automatic.device,
+                          params=automatic.params, parents=dict(automatic.parents),
+                          populations=list(automatic.populations), panel=automatic.panel)
+    moved = {}
+    nothing = np.zeros(sample.n_events, dtype=bool)
+    for population in required:
+        before, after = np.asarray(automatic.masks.get(population, nothing), dtype=bool), masks[population]
+        moved[population] = {"automatic_events": int(before.sum()), "reviewed_events": int(after.sum()),
+                             "moved_in": int((after & ~before).sum()), "moved_out": int((before & ~after).sum())}
+    audit = {"file": gates.name, "path": str(gates), "sha256": reviewed.sha256, "format": reviewed.kind,
+             "workspace_sample": reviewed.sample_id,
+             "mapping_file": None if gate_map is None else Path(gate_map).name,
+             "mapping_sha256": None if gate_map is None else file_sha256(gate_map),
+             "mapping": {p: (None if path is None else " > ".join(path)) for p, path in evaluated.gate_paths.items()
+                         if p in required},
+             "populations": moved}
+    return replace(gated, gating=gating, flags=flags), audit
+
+
 def analyze_gated(gated, manifest_row=None, options=None):
     """The result of :func:`analyze_file` for an already gated sample (raises on errors).
 
@@ -699,7 +842,8 @@ def _count(gated, row, options, result, screening):
                        and str(f) not in b_problems and f.population not in ("beads",)]
         result["eligibility"] = decide(counts.get(population), options.rule, b_problems)
 
-    if car_gate is not None and car_gate.threshold is not None and np.isfinite(car_gate.threshold):
+    if (car_gate is not None and car_gate.threshold is not None and np.isfinite(car_gate.threshold)
+            and car_gate.dimensions[0].transform == "logicle"):
 
         pnn = panel.markers["CAR"]
         top = sample.channel_top(sample.channel_index(pnn))
@@ -726,8 +870,8 @@ def _count(gated, row, options, result, screening):
     result["compensation"] = {"source": spillover.source if spillover is not None else None,
                               "detectors": list(spillover.detectors) if spillover is not None else []}
     result["panel_channels"] = panel.as_dict()
-    result["gating"] = {"params": gating.params.as_dict(), "gates": [g.as_dict() for g in gating.gates],
-                        "logicle": dict(LOGICLE_DEFAULTS, t="$PnR")}
+    result["gating"] = {"source": "automatic", "params": gating.params.as_dict(),
+                        "gates": [g.as_dict() for g in gating.gates], "logicle": dict(LOGICLE_DEFAULTS, t="$PnR")}
     result["counting"] = {"method": method, **details, "lloq_events": options.lloq_events,
                           "lod_events": options.lod_events, "min_bead_events": options.min_bead_events,
                           "doublets": "singlet cells over singlet beads (coincidence removes both alike)"

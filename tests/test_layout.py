@@ -23,7 +23,7 @@ DEFERRED = {
     "importlib": "the package's lazy top-level exports",
 }
 
-STAGES = {"loading": {"fcs.py", "manifest.py", "panel.py"},
+STAGES = {"loading": {"fcs.py", "manifest.py", "panel.py", "reviewed_gates.py"},
           "decisions": {"qc.py", "eligibility.py", "subjects.py"},
           "batch": {"run.py", "store.py"},
           "outputs": {"cli.py", "report.py", "plots.py", "formatting.py"},

@@ -20,9 +20,9 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from cytometry.analysis import AnalysisOptions, CarReferences, analyze_file, export_gating
-from cytometry.batch.store import (REPORT_EVENTS, ResultStore, event_sample, gatingml_bytes, parameter_set_hash,
-                                   params_hash)
+from cytometry.analysis import AnalysisOptions, CarReferences, analyze_file, export_gating, reviewed_gates_of
+from cytometry.batch.store import (REPORT_EVENTS, REVIEWED_MARK, ResultStore, event_sample, gatingml_bytes,
+                                   parameter_set_hash, params_hash)
 from cytometry.loading.fcs import file_sha256
 from cytometry.loading.manifest import check_manifest
 from cytometry.outputs.formatting import safe_name
@@ -66,39 +66,66 @@ def write_artifacts(gated, result, plots_dir=None, gatingml_dir=None):
 
 
 def analyze_one(path, row, manifest, options, keep=False, keep_events=False, plots_dir=None, gatingml_dir=None,
-                raise_errors=False):
+                raise_errors=False, gates=None, gate_map=None):
     """Analyse one file; with ``keep`` also return what the store keeps.
 
     ``plots_dir``/``gatingml_dir`` write a gating figure / GatingML file per
     sample (on the machine that runs it). ``raise_errors`` is ``--debug``.
+    ``gates``/``gate_map`` (or the row's ``gates``/``gate_map`` columns): a
+    reviewer's corrected gates (:func:`cytometry.analysis.analyze_file`).
 
     Returns
     -------
     (result, extras)
         ``extras`` is ``None`` or a dict with ``masks``, ``gatingml``,
-        ``keywords`` and optionally ``events``.
+        ``keywords`` and optionally ``events``; with reviewed gates also
+        ``automatic``: the automatic ``(result, extras)``, which the store
+        keeps beside the reviewed one.
     """
     sample_options = _references(manifest, options).options_for(row)
     extras = {}
+    by_source = {}
 
     def keep_artifacts(gated, result):
-        if plots_dir or gatingml_dir:
-            write_artifacts(gated, result, plots_dir, gatingml_dir)
+        source = result["gating"]["source"]
+        kept = by_source.setdefault(source, (result, {}))[1]
+        reviewing = source == "automatic" and reviewed_gates_of(row, gates, gate_map)[0] is not None
+        if (plots_dir or gatingml_dir) and not reviewing:
+            # The figure of the gates that made the counts; the reviewed gates' file is their GatingML.
+            write_artifacts(gated, result, plots_dir, gatingml_dir if source == "automatic" else None)
         if not keep:
             return
-        masks = {name: mask for name, mask in gated.gating.masks.items()}
-        extras.update(masks=masks, keywords=gated.sample.keywords)
-        try:
-            extras["gatingml"] = gatingml_bytes(gated)
-        except Exception as exc:  # the counts stand; say what could not be kept
-            result["qc_flags"].append(f"store: GatingML not written ({type(exc).__name__}: {exc})")
-        # The report draws its figures from the store alone: a bounded subsample by default, all with keep_events.
-        extras["events"] = event_sample(gated, None if keep_events else REPORT_EVENTS)
+        _keep(gated, result, kept, keep_events)
 
     wanted = keep or plots_dir or gatingml_dir
     result = analyze_file(path, row, sample_options, on_gated=keep_artifacts if wanted else None,
-                          raise_errors=raise_errors)
+                          raise_errors=raise_errors, gates=gates, gate_map=gate_map)
+    if result.get("gating", {}).get("source") == "reviewed" and "automatic" in by_source:
+        extras = dict(by_source.get("reviewed", (None, {}))[1])
+        extras["automatic"] = by_source["automatic"]
+    elif "automatic" in by_source:
+        extras = by_source["automatic"][1]
     return result, (extras or None)
+
+
+def _keep(gated, result, extras, keep_events):
+    """What the store keeps of one gated sample, into ``extras``.
+
+    A reviewed sample keeps the reviewer's GatingML file as it came (a
+    workspace is not GatingML: none is kept, its SHA-256 is in the result).
+    """
+    masks = {name: mask for name, mask in gated.gating.masks.items()}
+    extras.update(masks=masks, keywords=gated.sample.keywords)
+    review = result["gating"].get("reviewed_gates")
+    try:
+        if review is None:
+            extras["gatingml"] = gatingml_bytes(gated)
+        elif review["format"] == "gatingml":
+            extras["gatingml"] = Path(review["path"]).read_bytes()
+    except Exception as exc:  # the counts stand; say what could not be kept
+        result["qc_flags"].append(f"store: GatingML not written ({type(exc).__name__}: {exc})")
+    # The report draws its figures from the store alone: a bounded subsample by default, all with keep_events.
+    extras["events"] = event_sample(gated, None if keep_events else REPORT_EVENTS)
 
 
 def entry_params(options, row=None, reference_sha=None):
@@ -128,7 +155,9 @@ def entry_params(options, row=None, reference_sha=None):
         return base
     parts = [base]
     if row is not None:
-        values = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.values.items() if k != "file"}
+        # the reviewed-gates columns key the reviewed entry (reviewed_params), not the automatic one
+        values = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.values.items()
+                  if k not in ("file", "gates", "gate_map")}
         parts.append(json.dumps(values, sort_keys=True, default=str))
     if reference_sha is not None:
         parts.append(reference_sha)
@@ -144,6 +173,22 @@ def _entry_params(row, references, options):
     return entry_params(options, row, reference_sha)
 
 
+def reviewed_params(params, gates, gate_map=None):
+    """The store key's parameter part for a sample counted from reviewed gates.
+
+    The automatic entry's part, the reviewed file's and the mapping's
+    SHA-256: a corrected file is a new entry, and the automatic entry
+    (``params`` alone) is never overwritten by it.
+
+    Examples
+    --------
+    >>> reviewed_params("0123456789abcdef", "sample_fcs/manifest.csv").startswith("0123456789abcdef_reviewed_")
+    True
+    """
+    digests = [file_sha256(p) if Path(p).is_file() else "missing" for p in (gates, gate_map) if p is not None]
+    return f"{params}{REVIEWED_MARK}{hashlib.sha256(':'.join(digests).encode()).hexdigest()[:16]}"
+
+
 def _file_key(path):
     path = Path(path)
     try:
@@ -154,7 +199,7 @@ def _file_key(path):
 
 def run_batch(files, manifest=None, options=None, *, store=None, workers=1, scheduler=None, progress=None,
               keep_events=False, on_result=None, plots_dir=None, gatingml_dir=None, raise_errors=False,
-              replace=False, allow_unlisted=False):
+              replace=False, allow_unlisted=False, gates=None, gate_map=None):
     """Analyse ``files``; with a ``store``, skip what is done and write the rest as it finishes.
 
     The manifest is checked first (:func:`cytometry.loading.manifest.check_manifest`):
@@ -189,6 +234,12 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         Discard the store's results first (``--replace``).
     allow_unlisted : bool
         Analyse files the manifest does not list (``--allow-unlisted``).
+    gates, gate_map : str, optional
+        A reviewer's corrected gates (and their mapping) for every file
+        (``--gates``, one file); else each row's ``gates``/``gate_map``
+        columns. The store keeps the automatic entry beside the reviewed one
+        (:func:`reviewed_params`); a file whose reviewed gates cannot be used
+        is an error result, and its automatic entry is still written.
 
     Raises
     ------
@@ -231,7 +282,11 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     if store is not None:
         for index, (path, row) in enumerate(zip(files, rows)):
             keys[index] = (_file_key(path), _entry_params(row, references, options))
-        store.claim(options, [f"{sha}-{params}" for sha, params in keys.values()], replace_results=replace)
+            review = reviewed_gates_of(row, gates, gate_map)
+            if review[0] is not None:
+                keys[index] = (keys[index][0], reviewed_params(keys[index][1], *review), keys[index][1])
+        store.claim(options, [f"{key[0]}-{part}" for key in keys.values() for part in key[1:]],
+                    replace_results=replace)
         done = {entry.stem: entry for entry in store.entries()}
         for index in range(len(files)):
             key = keys[index]
@@ -253,24 +308,34 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         result, extras = outcome
         if store is not None:
             extras = extras or {}
-            store.write(result, keys[index][1], masks=extras.get("masks"), gatingml=extras.get("gatingml"),
-                        keywords=extras.get("keywords"), events=extras.get("events"),
-                        parameter_set=parameter_set)
+            automatic = extras.get("automatic") or (
+                (result["automatic_result"], {}) if result.get("automatic_result") else None)
+            if len(keys[index]) > 2 and automatic is not None:
+                # The automatic result, beside the reviewed one: neither overwrites the other.
+                auto_result, auto_extras = automatic
+                store.write(auto_result, keys[index][2], masks=auto_extras.get("masks"),
+                            gatingml=auto_extras.get("gatingml"), keywords=auto_extras.get("keywords"),
+                            events=auto_extras.get("events"), parameter_set=parameter_set)
+            if not result.get("automatic_result"):  # a reviewed file that failed leaves only the automatic entry
+                store.write(result, keys[index][1], masks=extras.get("masks"), gatingml=extras.get("gatingml"),
+                            keywords=extras.get("keywords"), events=extras.get("events"),
+                            parameter_set=parameter_set)
         results[index] = result
         if on_result is not None:
             on_result(result)
         bar.update(1)
 
     extra = (keep, keep_events, plots_dir, gatingml_dir)
+    reviewed = {"gates": gates, "gate_map": gate_map}
     try:
         if scheduler and not raise_errors:
-            _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish)
+            _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish, reviewed)
         elif workers > 1 and len(pending) > 1 and not raise_errors:
-            _run_local(workers, files, rows, manifest, options, extra, pending, finish)
+            _run_local(workers, files, rows, manifest, options, extra, pending, finish, reviewed)
         else:
             for index in pending:
                 finish(index, analyze_one(files[index], rows[index], manifest, options, *extra,
-                                          raise_errors=raise_errors))
+                                          raise_errors=raise_errors, **reviewed))
     finally:
         bar.close()
     return results
@@ -281,14 +346,15 @@ def _single_threaded():
     threadpool_limits(1)
 
 
-def _run_local(workers, files, rows, manifest, options, extra, pending, finish):
+def _run_local(workers, files, rows, manifest, options, extra, pending, finish, reviewed=None):
     with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
-        futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra): i for i in pending}
+        futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra, **(reviewed or {})): i
+                   for i in pending}
         for future in as_completed(futures):
             finish(futures[future], future.result())
 
 
-def _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish):
+def _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish, reviewed=None):
     try:
         from dask.distributed import Client, as_completed
     except ImportError:
@@ -300,7 +366,8 @@ def _run_dask(scheduler, files, rows, manifest, options, extra, pending, finish)
     try:
         futures = {}
         for i in pending:
-            future = client.submit(analyze_one, str(files[i]), rows[i], manifest, options, *extra, pure=False)
+            future = client.submit(analyze_one, str(files[i]), rows[i], manifest, options, *extra, pure=False,
+                                   **(reviewed or {}))
             futures[future] = i
         for future in as_completed(list(futures)):
             finish(futures[future], future.result())

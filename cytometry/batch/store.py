@@ -47,7 +47,10 @@ One parameter set per store
     (:class:`ParameterSetMismatch`) unless it replaces the store's results
     (:meth:`ResultStore.clear`, ``--replace``). Within the set a file has
     one entry: writing a file's entry removes its earlier one (e.g. after
-    its CAR reference tube changed). Readers take exactly one set
+    its CAR reference tube changed). A file re-counted from a reviewer's
+    gates has a second, reviewed entry (:data:`REVIEWED_MARK`) beside its
+    automatic one; neither replaces the other, and readers take the
+    reviewed one. Readers take exactly one set
     (:meth:`ResultStore.one_parameter_set`). A store written before sets were
     recorded (no ``parameters.json``) is read when every file in it has
     one entry, as the set ``unrecorded``; when a file has several (several
@@ -82,6 +85,21 @@ logger = logging.getLogger(__name__)
 
 #: The name a store written before parameter sets were recorded reads as.
 UNRECORDED_SET = "unrecorded"
+
+#: Marks the entry of a sample counted from a reviewer's gates (``<sha256>-<params>_reviewed_<digest>.h5``);
+#: it lives beside the sample's automatic entry, and readers take it in place of that one.
+REVIEWED_MARK = "_reviewed_"
+
+
+def is_reviewed_entry(entry):
+    """Whether a store entry (path or name) holds a result counted from reviewed gates.
+
+    Examples
+    --------
+    >>> is_reviewed_entry("ab12-0123456789abcdef_reviewed_fedcba9876543210.h5"), is_reviewed_entry("ab12-0123.h5")
+    (True, False)
+    """
+    return REVIEWED_MARK in Path(entry).stem
 
 
 class StoreError(ValueError):
@@ -359,7 +377,8 @@ class ResultStore:
             raise StoreError(f"{self.path}: written without a recorded parameter set, and {doubled} files have "
                              "results of several parameter sets; re-run `cytometry analyze ... --out STORE "
                              "--replace` with the parameters wanted")
-        newest = {entries[-1] for entries in by_file.values()}  # entries() is oldest first
+        # entries() is oldest first; a reviewed result is in effect over its file's automatic one
+        newest = {([e for e in entries if is_reviewed_entry(e)] or entries)[-1] for entries in by_file.values()}
         return name, [self._read(entry) for entry in self.entries() if entry in newest]
 
     def entry_path(self, sha256, params):
@@ -429,7 +448,8 @@ class ResultStore:
         os.replace(temporary, target)
         if parameter_set is not None:  # one entry per file within the set
             for earlier in self.samples.glob(f"{sha}-*.h5"):
-                if earlier != target:
+                # the automatic and the reviewed result are kept side by side
+                if earlier != target and is_reviewed_entry(earlier) == is_reviewed_entry(target):
                     logger.info("%s: replaces %s", target.name, earlier.name)
                     earlier.unlink(missing_ok=True)
         return target

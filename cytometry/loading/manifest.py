@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 #: Columns the analysis reads; anything else is passed through as ``manifest_extra``.
 KNOWN_COLUMNS = ("file", "subject_id", "visit", "study_day", "tube", "beads_per_test", "sample_volume_ul",
-                 "dilution_factor", "lymphocytes_per_ul", "lymphocytes_cv", "counting_method")
+                 "dilution_factor", "lymphocytes_per_ul", "lymphocytes_cv", "counting_method", "gates", "gate_map")
 #: Numeric columns that must be > 0 when given.
 POSITIVE_COLUMNS = ("beads_per_test", "sample_volume_ul", "dilution_factor", "lymphocytes_per_ul")
 COUNTING_METHODS = ("auto", "beads", "volumetric", "dual-platform")
@@ -59,6 +59,22 @@ class ManifestRow:
             return float(text)
         except ValueError:
             raise ValueError(f"manifest column {column} is not a number: {text!r}") from None
+
+    def path_of(self, column):
+        """A column naming a file (``gates``, ``gate_map``) as a path relative to the manifest's folder, or ``None``.
+
+        Examples
+        --------
+        >>> row = ManifestRow("run1/a.fcs", Path("study/run1/a.fcs"), {"gates": "review/a.xml"})
+        >>> row.path_of("gates").as_posix(), row.path_of("gate_map")
+        ('study/review/a.xml', None)
+        """
+        text = self.text(column)
+        if not text:
+            return None
+        depth = len(Path(self.file).parts)
+        folder = self.path.parents[depth - 1] if 0 < depth <= len(self.path.parents) else self.path.parent
+        return folder / text
 
     @property
     def extra(self):
@@ -215,6 +231,12 @@ def validate_manifest(manifest, files=(), folders=(), options=None, allow_unlist
     for row in manifest.rows:
         if not row.path.is_file():
             problems.append(f"{_label(row)}: file not found ({row.path})")
+        # A reviewer's corrected gates (and their mapping), relative to the manifest like the file.
+        for column in ("gates", "gate_map"):
+            if row.text(column) and not row.path_of(column).is_file():
+                problems.append(f"{_label(row)}: {column} file not found ({row.path_of(column)})")
+        if row.text("gate_map") and not row.text("gates"):
+            problems.append(f"{_label(row)}: gate_map without gates (it maps the gates of a reviewed file)")
     listed = set()
     for row in manifest.rows:
         listed.add(row.path.resolve())

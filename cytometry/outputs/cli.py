@@ -26,7 +26,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from cytometry._version import __version__
 from cytometry.analysis import AnalysisOptions
 from cytometry.batch.run import default_workers, run_batch
-from cytometry.batch.store import ResultStore, StoreError
+from cytometry.batch.store import ResultStore, StoreError, is_reviewed_entry
 from cytometry.decisions.subjects import (ELIGIBILITY_COLUMNS, PERSISTENCE_COLUMNS, AplasiaRule, crosscheck_text,
                                           persistence, persistence_csv_rows, save_kinetics_figure, screening_decisions,
                                           write_csv)
@@ -138,6 +138,12 @@ def _analyse_run(args):
     files = _collect_files(args.inputs, manifest)
     if not files:
         raise UsageError("no FCS files to analyse")
+    gates, gate_map = getattr(args, "gates", None), getattr(args, "gate_map", None)
+    if gate_map and not gates:
+        raise UsageError("--gate-map maps the gates of --gates REVIEWED; give both")
+    if gates and len(files) != 1:
+        raise UsageError(f"--gates names one file's reviewed gates, and {len(files)} files are analysed; use the "
+                         "manifest column gates for several")
     allow_unlisted = getattr(args, "allow_unlisted", False)
     if manifest is not None:
         folders = [Path(item) for item in args.inputs if Path(item).is_dir()]
@@ -159,7 +165,8 @@ def _analyse_run(args):
                             plots_dir=getattr(args, "gating_plots", None),
                             gatingml_dir=getattr(args, "gatingml", None),
                             raise_errors=args.debug, on_result=report_error,
-                            replace=getattr(args, "replace", False), allow_unlisted=allow_unlisted)
+                            replace=getattr(args, "replace", False), allow_unlisted=allow_unlisted,
+                            gates=gates, gate_map=gate_map)
     except (ManifestError, StoreError) as exc:
         raise UsageError(str(exc)) from None
     for result in results:  # samples already in the store are reported too
@@ -189,6 +196,8 @@ SAMPLE_COLUMNS = [
     ("eligibility", lambda r: (r.get("eligibility") or {}).get("verdict")),
     ("flags", lambda r: " | ".join(r.get("qc_flags") or [])),
     ("error", "error"),
+    ("gating_source", lambda r: (r.get("gating") or {}).get("source")),
+    ("reviewed_gates_sha256", lambda r: ((r.get("gating") or {}).get("reviewed_gates") or {}).get("sha256")),
 ]
 
 
@@ -239,6 +248,42 @@ def _store_results(path, args=None):
     if not getattr(args, "quiet", False):
         print(printable(f"{path}: parameter set {name}, {len(results)} samples"), file=sys.stderr)
     return results
+
+
+def cmd_gates(args):
+    """Write the stored automatic gates of one sample as GatingML 2.0, for a reviewer to correct."""
+
+    if not (Path(args.store) / "samples").is_dir():
+        raise UsageError(f"{args.store}: not a results store (no samples/ folder)")
+    store = ResultStore(args.store)
+    wanted = args.sample
+    matches = []
+    for entry in store.entries():
+        if is_reviewed_entry(entry):
+            continue
+        result = store.results_for(entry)
+        names = {Path(str(result.get("file", ""))).name, Path(str(result.get("file", ""))).stem}
+        if wanted in names or (len(wanted) >= 8 and str(result.get("sha256") or "").startswith(wanted)):
+            matches.append((entry, result))
+    if not matches:
+        raise UsageError(f"{args.store}: no automatic result for sample {wanted!r} (give its FCS file name)")
+    if len(matches) > 1:
+        raise UsageError(f"{args.store}: {len(matches)} results match {wanted!r}; give the file's SHA-256")
+    entry, result = matches[0]
+    try:
+        text = store.gatingml(entry.name)
+    except Exception:
+        text = None
+    if not text:
+        raise UsageError(f"{args.store}: the entry of {wanted} holds no GatingML (status {result.get('status')}); "
+                         "analyse it again with --out")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{Path(str(result['file'])).stem}.gating.xml"
+    target.write_text(text if isinstance(text, str) else text.decode("utf-8"), encoding="utf-8")
+    print(f"automatic gates of {Path(str(result['file'])).name} written to {target}; correct them (FlowJo, FCS "
+          f"Express, FlowKit) and re-count with: cytometry analyze FILE --gates {target}")
+    return EXIT_OK
 
 
 def cmd_report(args):
@@ -491,6 +536,11 @@ _EXAMPLES = {
     "report": """example:
   cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv --out run.store
   cytometry report run.store --out qc/""",
+    "gates": """example (the review loop):
+  cytometry analyze sample_fcs/ --manifest sample_fcs/manifest.csv --out run.store
+  cytometry gates run.store S03_screening_TBNK.fcs --out review/
+  cytometry analyze sample_fcs/S03_screening_TBNK.fcs --manifest sample_fcs/manifest.csv --out run.store \\
+      --gates review/S03_screening_TBNK.gating.xml""",
     "inspect": """example:
   cytometry inspect sample_fcs/S01_day010_CAR.fcs --json""",
 }
@@ -516,6 +566,14 @@ def build_parser():
     analyze.add_argument("--replace", action="store_true",
                          help="discard the results already in --out STORE and analyse again (needed when this "
                               "run's parameters differ from the store's: a store holds one parameter set)")
+    analyze.add_argument("--gates", metavar="REVIEWED", help="count from a reviewer's corrected gates instead of "
+                                                             "the automatic ones: GatingML 2.0 (as --gatingml or "
+                                                             "`cytometry gates` writes it, edited) or a FlowJo .wsp; "
+                                                             "one file (the manifest column gates for several)")
+    analyze.add_argument("--gate-map", metavar="MAP.csv", help="population,gate lines naming the reviewer's gate "
+                                                               "of each population (a name, a path 'A > B', or - "
+                                                               "for not gated); default: gates named as the "
+                                                               "populations (manifest column gate_map)")
     analyze.add_argument("--csv", metavar="FILE", help="also write one row per sample as CSV (file, subject, day, "
                                                        "tube, panel, B cells/uL and CAR+ T/uL with 95%% CI, beads, "
                                                        "verdict, flags)")
@@ -536,6 +594,17 @@ def build_parser():
     kinetics.add_argument("--plots", metavar="DIR", help="write a kinetics plot per subject (DIR/<subject>.kinetics.png)")
     kinetics.add_argument("--csv", metavar="FILE", help="also write the timelines as CSV (units in column names)")
     kinetics.set_defaults(func=cmd_persistence)
+
+    gates = sub.add_parser("gates", help="export one sample's stored automatic gates as GatingML, for review",
+                           description="export one sample's stored automatic gates as GatingML 2.0 "
+                                       "(DIR/<file>.gating.xml), to correct and re-count with analyze --gates",
+                           epilog=_EXAMPLES["gates"])
+    gates.add_argument("store", metavar="STORE")
+    gates.add_argument("sample", metavar="SAMPLE", help="the FCS file name (or its SHA-256)")
+    gates.add_argument("--out", required=True, metavar="DIR", help="folder for the GatingML file")
+    gates.add_argument("--debug", action="store_true")
+    _add_logging_options(gates)
+    gates.set_defaults(func=cmd_gates)
 
     report = sub.add_parser("report", help="write a self-contained HTML QC report of a results store",
                              description="write a self-contained HTML QC report of a results store", epilog=_EXAMPLES["report"])

@@ -300,6 +300,29 @@ def _audit(result, provenance, parameter_set):
     return "".join(parts)
 
 
+def _review_block(result):
+    """"Manual gates in effect": the reviewed file and, per population, the automatic and reviewed counts."""
+
+    review = (result.get("gating") or {}).get("reviewed_gates")
+    if not review or "populations" not in review:
+        return []
+    automatic = (review.get("automatic") or {}).get("populations") or {}
+    populations = result.get("populations") or {}
+    mapping = f"; mapping {_e(review['mapping_file'])}" if review.get("mapping_file") else ""
+    rows = []
+    for name, moved in review["populations"].items():
+        before, after = automatic.get(name) or {}, populations.get(name) or {}
+        rows.append((_e(name), _e(review["mapping"].get(name) or "not gated"), f"{moved['automatic_events']:,}",
+                     f"{moved['reviewed_events']:,}", f"{moved['moved_in']:,}", f"{moved['moved_out']:,}",
+                     _e(format_sig(before.get("cells_per_ul"))), _e(format_sig(after.get("cells_per_ul")))))
+    verdict = (review.get("automatic") or {}).get("verdict")
+    return [f"<p class='manual'><b>manual gates in effect</b>: {_e(review['file'])} ({_e(review['format'])}, "
+            f"sha256 <code>{_e(review['sha256'])}</code>{mapping})"
+            + (f"; the automatic gates gave eligibility {_e(verdict)}" if verdict else "") + "</p>",
+            _table(["population", "reviewer's gate", "automatic events", "reviewed events", "moved in", "moved out",
+                    "automatic cells/µL", "reviewed cells/µL"], rows, numeric=(2, 3, 4, 5, 6, 7))]
+
+
 def _sample_section(result, store, parameter_set, figures):
     """One sample's section and whether its gating figure was drawn."""
     name = Path(str(result.get("file", ""))).name
@@ -311,6 +334,7 @@ def _sample_section(result, store, parameter_set, figures):
              f"{_e(result.get('panel') or '—')}, status <b>{_e(result.get('status'))}</b>"
              + (f", eligibility <b>{_e(result['eligibility'].get('verdict'))}</b>" if result.get("eligibility") else "")
              + "</p>"]
+    parts.extend(_review_block(result))
     provenance = {}
     entry = result.get("store_entry")
     if store is not None and entry:
