@@ -103,24 +103,31 @@ def prepare_events(sample, panel, spillover):
     Fluorescence channels are compensated with ``spillover`` (when given)
     and logicle-transformed with T = ``$PnR``; scatter channels are divided
     by their range so they lie in 0–1 whatever the instrument.
+
+    One working copy of the events, in their dtype (float32 from
+    :func:`cytometry.loading.fcs.read_fcs`), is compensated and transformed
+    in place; ``sample.events`` stays the raw data.
     """
-    events = sample.events
+    data = np.array(sample.events, dtype=np.result_type(sample.events.dtype, np.float32), copy=True)
     if spillover is not None:
-        events = compensate(events, sample.pnn, spillover)
-    data = np.array(events, dtype=np.float64, copy=True)
+        compensate(data, sample.pnn, spillover, out=data)
     channels = {}
+    scaled = set()
+    for key, name in panel.scatter.items():
+        index = sample.channel_index(name)
+        if key != "Time" and index not in scaled:  # once per column: the scaling is in place
+            data[:, index] /= sample.channel_top(index)
+            scaled.add(index)
     by_top = {}
     for marker, name in panel.markers.items():
         index = sample.channel_index(name)
         channels[marker] = index
-        by_top.setdefault(sample.channel_top(index), []).append(index)
+        if index not in scaled:  # a column named as scatter too is scatter (as it was before in-place)
+            by_top.setdefault(sample.channel_top(index), []).append(index)
     for top, indices in by_top.items():
-        data = logicle(data, indices, top=top)
+        logicle(data, indices, top=top, out=data)
     for key, name in panel.scatter.items():
-        index = sample.channel_index(name)
-        channels[key] = index
-        if key != "Time":
-            data[:, index] = events[:, index] / sample.channel_top(index)
+        channels[key] = sample.channel_index(name)
     return data, channels
 
 

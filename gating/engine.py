@@ -1156,7 +1156,11 @@ def run_plan(data, channels, panel, params, device=None, tops=None):
     from .auto import GatingResult
 
     xp, device_name = get_array_module(device)
-    context = GatingContext(np.asarray(data, dtype=np.float64), channels, params, xp, device_name, tops)
+    # float32 or float64 as given (float32 from the CLI: a float64 copy doubled a large tube's memory)
+    data = np.asarray(data)
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float64)
+    context = GatingContext(data, channels, params, xp, device_name, tops)
     for step in panel.plan:
         missing = [d for d in step.dimensions if d not in channels and d not in ("FSC-H",)]
         if missing:
