@@ -125,6 +125,7 @@ def counts_checksum(stdout):
 def profile(path):
     """Peak traced bytes of each stage, run in this process (tracemalloc)."""
     from cytometry.analysis import AnalysisOptions, GatedSample, analyze_gated, prepare_events
+    from cytometry.decisions.qc import saturated_events
     from cytometry.loading.fcs import read_fcs
     from cytometry.loading.panel import resolve_panel
     from gating import auto_gate
@@ -145,13 +146,17 @@ def profile(path):
     options = AnalysisOptions(beads_per_test=50000, sample_volume_ul=50)
     sample = stage("read_fcs", lambda: read_fcs(path))
     panel = resolve_panel(sample.pnn, sample.pns)
-    data, channels = stage("compensate + transform", lambda: prepare_events(sample, panel, sample.spillover))
+    raw_dtype = sample.events.dtype
+    saturated = stage("saturated events (QC)", lambda: saturated_events(sample, panel))
+    # as gate_file(keep_raw=False), the CLI's path: the raw array is transformed in place
+    data, channels = stage("compensate + transform", lambda: prepare_events(sample, panel, sample.spillover,
+                                                                            in_place=True))
     gating = stage("gate", lambda: auto_gate(data, channels, panel.name, params=options.gating))
     gated = GatedSample(sample=sample, panel=panel, spillover=sample.spillover, data=data, channels=channels,
-                        gating=gating, flags=list(gating.flags))
+                        gating=gating, flags=list(gating.flags), saturated=saturated)
     stage("count + QC", lambda: analyze_gated(gated, None, options))
     tracemalloc.stop()
-    return rows, sample.events.dtype, data.dtype
+    return rows, raw_dtype, data.dtype
 
 
 def main(argv=None):

@@ -77,6 +77,9 @@ class FcsSample:
     dropped_events : int
         Events dropped because they held NaN or infinite values (at most 1%
         of the file; more and the file is refused).
+    released_events : int
+        Events whose raw array was handed on by :meth:`release_events`
+        (``events`` is then ``None``; 0 while ``events`` is held).
     """
 
     path: Path
@@ -92,10 +95,32 @@ class FcsSample:
     vol_nl: float | None = None
     dropped_events: int = 0
     read_notes: list = field(default_factory=list)
+    released_events: int = 0
 
     @property
     def n_events(self):
-        return self.events.shape[0]
+        return self.events.shape[0] if self.events is not None else self.released_events
+
+    def release_events(self):
+        """Hand the raw event array on and drop it from the sample (``events`` becomes ``None``).
+
+        For a caller that transforms the events in place (the CLI's
+        :func:`cytometry.analysis.gate_file` with ``keep_raw=False``): the
+        sample no longer claims to hold raw values, and a large tube is not
+        held twice. ``n_events`` still answers.
+
+        Examples
+        --------
+        >>> sample = read_fcs("sample_fcs/S01_screening_TBNK.fcs")
+        >>> events = sample.release_events()
+        >>> events.shape, sample.events, sample.n_events
+        ((24123, 10), None, 24123)
+        """
+        if self.events is None:
+            raise ValueError(f"{self.path}: the raw events were already released")
+        events, self.events = self.events, None
+        self.released_events = events.shape[0]
+        return events
 
     def __repr__(self):
         spill = f", spillover from {self.spillover.source}" if self.spillover is not None else ""
