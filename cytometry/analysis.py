@@ -17,7 +17,7 @@ from cytometry._version import __version__
 from cytometry.counts import (DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count, detection_limits,
                               dual_platform_count, volumetric_count)
 from cytometry.decisions.eligibility import EligibilityRule, decide
-from cytometry.decisions.qc import QcRules, run_checks
+from cytometry.decisions.qc import QcRules, run_checks, saturated_events
 from cytometry.loading.fcs import FcsError, file_sha256, read_fcs
 from cytometry.loading.panel import PanelError, _gather, available_panels, read_panel_file, resolve_panel
 from cytometry.loading.reviewed_gates import (ReviewedGatesError, evaluate_reviewed_gates, read_gate_mapping,
@@ -99,30 +99,58 @@ def is_screening(visit):
     return (not visit) or visit.strip().lower().startswith("screen")
 
 
-def prepare_events(sample, panel, spillover):
+def prepare_events(sample, panel, spillover, *, in_place=False):
     """Compensated, transformed events and the marker/scatter → column map.
 
     Fluorescence channels are compensated with ``spillover`` (when given)
     and logicle-transformed with T = ``$PnR``; scatter channels are divided
     by their range so they lie in 0–1 whatever the instrument.
+
+    The events keep their dtype (float32 from
+    :func:`cytometry.loading.fcs.read_fcs`) and are compensated and
+    transformed in place, a block at a time: in one working copy, with
+    ``sample.events`` left raw, or with ``in_place=True`` in the raw array
+    itself, which the sample then releases
+    (:meth:`~cytometry.loading.fcs.FcsSample.release_events`): one
+    n_events × n_channels array in memory instead of two.
+
+    Examples
+    --------
+    >>> from cytometry.loading.fcs import read_fcs
+    >>> from cytometry.loading.panel import resolve_panel
+    >>> sample = read_fcs("sample_fcs/S01_screening_TBNK.fcs")
+    >>> panel = resolve_panel(sample.pnn, sample.pns)
+    >>> copied, _ = prepare_events(sample, panel, sample.spillover)
+    >>> data, channels = prepare_events(sample, panel, sample.spillover, in_place=True)
+    >>> data.dtype, bool((data == copied).all()), sample.events is None
+    (dtype('float32'), True, True)
     """
-    events = sample.events
+    dtype = np.result_type(sample.events.dtype, np.float32)
+    if in_place and sample.events.dtype == dtype and sample.events.flags.writeable:
+        data = sample.release_events()
+    else:
+        data = np.array(sample.events, dtype=dtype, copy=True)
+        if in_place:
+            sample.release_events()
     if spillover is not None:
-        events = compensate(events, sample.pnn, spillover)
-    data = np.array(events, dtype=np.float64, copy=True)
+        compensate(data, sample.pnn, spillover, out=data)
     channels = {}
+    scaled = set()
+    for key, name in panel.scatter.items():
+        index = sample.channel_index(name)
+        if key != "Time" and index not in scaled:  # once per column: the scaling is in place
+            data[:, index] /= sample.channel_top(index)
+            scaled.add(index)
     by_top = {}
     for marker, name in panel.markers.items():
         index = sample.channel_index(name)
         channels[marker] = index
-        by_top.setdefault(sample.channel_top(index), []).append(index)
+        if index not in scaled:  # a column named as scatter too is scatter (as it was before in-place)
+            by_top.setdefault(sample.channel_top(index), []).append(index)
     for top, indices in by_top.items():
-        data = logicle(data, indices, top=top)
+        logicle(data, indices, top=top, out=data)
     for key, name in panel.scatter.items():
-        index = sample.channel_index(name)
-        channels[key] = index
-        if key != "Time":
-            data[:, index] = events[:, index] / sample.channel_top(index)
+        channels[key] = sample.channel_index(name)
     return data, channels
 
 
@@ -357,7 +385,9 @@ def analyze_file(path, manifest_row=None, options=None, on_gated=None, raise_err
     screening = is_screening(result["visit"])
     gates, gate_map = reviewed_gates_of(manifest_row, gates, gate_map)
     try:
-        gated = gate_file(Path(path), options)
+        # The raw events are not used after automatic gating (memory: one event array per tube); reviewed
+        # gates are evaluated by flowkit on the raw events, so a reviewed sample keeps them.
+        gated = gate_file(Path(path), options, keep_raw=gates is not None)
         result = _count(gated, manifest_row, options, result, screening)
         if on_gated is not None:
             on_gated(gated, result)
@@ -426,6 +456,10 @@ class GatedSample:
     gating : gating.GatingResult
     flags : list of gating.flags.Flag
         Preprocessing flags (e.g. no compensation) followed by gating flags.
+    saturated : ndarray of bool or None
+        Events at the top of scale, taken from the raw events before they
+        were transformed (:func:`cytometry.decisions.qc.saturated_events`);
+        ``None``: computed from ``sample.events`` when asked.
     """
 
     sample: object
@@ -435,6 +469,7 @@ class GatedSample:
     channels: dict
     gating: object
     flags: list
+    saturated: np.ndarray | None = field(default=None, repr=False)
 
     def __repr__(self):
         return (f"GatedSample({Path(self.sample.path).name!r}, panel {self.panel.name!r}, "
@@ -575,13 +610,18 @@ def export_gating(gated, file_handle):
     return export_gatingml(gated.gating, channels, file_handle, spillover=spill, logicle=LOGICLE_DEFAULTS)
 
 
-def gate_file(path, options=None):
+def gate_file(path, options=None, *, keep_raw=True):
     """Load, compensate, transform and gate one file (raises on a bad file).
 
     Parameters
     ----------
     path : str or Path
     options : AnalysisOptions, optional
+    keep_raw : bool
+        Keep the raw events in ``gated.sample.events`` (a second
+        n_events × n_channels array beside ``gated.data``). ``False``, as
+        :func:`analyze_file` runs: the raw array is transformed in place and
+        ``gated.sample.events`` is ``None``, so a large tube is held once.
 
     Returns
     -------
@@ -623,13 +663,14 @@ def gate_file(path, options=None):
     if spillover is None:
         flags.append(Flag("compensation", "not_compensated", "fail",
                           "no spillover matrix in the file and none supplied; data not compensated"))
-    data, channels = prepare_events(sample, panel, spillover)
+    saturated = saturated_events(sample, panel)  # from the raw values, before they are transformed
+    data, channels = prepare_events(sample, panel, spillover, in_place=not keep_raw)
     tops = {marker: sample.channel_top(sample.channel_index(name)) for marker, name in panel.markers.items()}
     gating = auto_gate(data, channels, panel.definition or panel.name, params=options.gating, device=options.device,
                        tops=tops)
     flags.extend(gating.flags)
     return GatedSample(sample=sample, panel=panel, spillover=spillover, data=data, channels=channels,
-                       gating=gating, flags=flags)
+                       gating=gating, flags=flags, saturated=saturated)
 
 
 def reviewed_gates_of(row, gates=None, gate_map=None):
@@ -996,7 +1037,7 @@ class CarReferences:
         if subject not in self._values:
             values, problem = None, None
             try:
-                values = car_reference_of(gate_file(reference_row.path, self.options),
+                values = car_reference_of(gate_file(reference_row.path, self.options, keep_raw=False),
                                           f"pre-infusion tube {reference_row.file}")
                 if values is None:
                     problem = "no CAR channel or no T cells"

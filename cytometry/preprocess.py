@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytometry.loading.fcs import Spillover
+from cytometry.loading.fcs import EVENT_BLOCK, Spillover
 from gpu.logicle import logicle as fast_logicle
 
 #: Logicle parameters used for every fluorescence channel (GatingML names).
@@ -81,10 +81,13 @@ def read_compensation_csv(path, pnn):
     return Spillover(detectors=header, matrix=np.array(values), source=str(path))
 
 
-def compensate(events, pnn, spillover):
+def compensate(events, pnn, spillover, *, out=None):
     """Compensated copy of ``events``: raw × inverse(spillover) on the listed detectors.
 
     flowkit/flowutils compute the same (the tests compare them on a real file).
+    Computed in float64 a block of events at a time and stored in the
+    result's dtype (that of ``events``, or of ``out``), so a float32 tube
+    never has a float64 copy.
 
     Parameters
     ----------
@@ -93,6 +96,9 @@ def compensate(events, pnn, spillover):
     pnn : list of str
         ``$PnN`` of the columns of ``events``.
     spillover : Spillover
+    out : ndarray, optional
+        Where to write the result (may be ``events`` itself: compensation in
+        place); by default a new array like ``events``.
 
     Returns
     -------
@@ -111,14 +117,24 @@ def compensate(events, pnn, spillover):
         raise ValueError(f"spillover matrix from {spillover.source} is singular")
     # raw = true @ S, so true = raw @ S⁻¹: one small matrix product per file
     # (flowutils solves per event block; both agree to rounding, tested).
-    out = np.array(events, dtype=np.float64, copy=True)
-    out[:, indices] = out[:, indices] @ np.linalg.inv(spillover.matrix)
+    inverse = np.linalg.inv(spillover.matrix)
+    if out is None:
+        out = np.array(events, dtype=np.result_type(events.dtype, np.float32), copy=True)
+    elif out is not events:
+        out[...] = events
+    for start in range(0, out.shape[0], EVENT_BLOCK):
+        rows = slice(start, start + EVENT_BLOCK)
+        out[rows, indices] = out[rows][:, indices].astype(np.float64) @ inverse
     return out
 
 
 def logicle(events, channel_indices, top, w=LOGICLE_DEFAULTS["w"], m=LOGICLE_DEFAULTS["m"],
-            a=LOGICLE_DEFAULTS["a"]):
+            a=LOGICLE_DEFAULTS["a"], *, out=None):
     """Logicle-transform the given columns, others returned unchanged.
+
+    ``out`` (which may be ``events`` itself) receives the result, by
+    default a new array like ``events``; a block of events is transformed
+    at a time, in float64, and stored in the result's dtype.
 
     The result is on the GatingML/flowutils 0–1 scale: 1 is the top of the
     range ``top`` and ``w`` decades are linear around zero, so compensated
@@ -133,9 +149,13 @@ def logicle(events, channel_indices, top, w=LOGICLE_DEFAULTS["w"], m=LOGICLE_DEF
     >>> bool(0.0 < x[0, 0] < 0.2), round(float(x[0, 1]), 6)
     (True, 1.0)
     """
-
-    out = np.array(events, dtype=np.float64, copy=True)
+    if out is None:
+        out = np.array(events, dtype=np.result_type(events.dtype, np.float32), copy=True)
+    elif out is not events:
+        out[...] = events
     columns = list(channel_indices)
     if columns:
-        out[:, columns] = fast_logicle(out[:, columns], t=top, w=w, m=m, a=a)
+        for start in range(0, out.shape[0], EVENT_BLOCK):
+            rows = slice(start, start + EVENT_BLOCK)
+            out[rows, columns] = fast_logicle(out[rows][:, columns], t=top, w=w, m=m, a=a)
     return out

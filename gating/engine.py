@@ -95,8 +95,11 @@ def smoothed_density(values, bins=256, xp=np):
     sigma_bins : float
         The smoothing kernel's SD in bins.
     """
-    values = np.asarray(values, dtype=np.float64)
-    probe = _probe(values)
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    # Quantiles on the float64 probe, histogram_1d in float64 blocks: the numbers of a float64 copy, without it.
+    probe = np.asarray(_probe(values), dtype=np.float64)
     lo, hi, q25, q75 = (float(v) for v in np.percentile(probe, [0.05, 99.95, 25, 75]))
     if hi - lo < 1e-9:
         hi = lo + 1e-3
@@ -284,8 +287,11 @@ def positive_cut(values, *, z=3.0, false_positives=0.05, bins=256, xp=np, accept
     >>> info["method"], int((negatives >= cut).sum()) <= 3
     ('negative tail', True)
     """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
+    values = np.asarray(values)
+    finite = np.isfinite(values)
+    # float64 once, of the finite values only (the same numbers as converting first)
+    values = np.asarray(values if finite.all() else values[finite], dtype=np.float64)
+    del finite
     if values.size < 10:
         return None, {"method": "too few events", "events": int(values.size)}
     counts, centers, sigma = smoothed_density(values, bins, xp)
@@ -669,7 +675,14 @@ def beads_step(context, step):
 
     params, data, channels = context.params, context.data, context.channels
     fluorescence = [name for name in channels if is_fluorescence(name)]
-    bead_score = data[:, [channels[c] for c in fluorescence]].min(axis=1)
+    columns = [channels[c] for c in fluorescence]
+    if len(columns) < 2:
+        bead_score = data[:, columns].min(axis=1)
+    else:
+        # Column by column: no copy of every fluorescence column (min is exact: the same values).
+        bead_score = data[:, columns[0]].copy()
+        for column in columns[1:]:
+            np.minimum(bead_score, data[:, column], out=bead_score)
     density, centers, sigma = _density(bead_score, params, log_counts=True, with_sigma=True)
     peaks = _real_peaks(density, params, 0.2, True, sigma)
     threshold = None
@@ -984,11 +997,15 @@ def split_in_plane(points, *, z=3.0, seed=0, xp=np, bins=256, probe=20000):
     location = np.median(points, axis=0)
     scale = np.subtract(*np.percentile(points, [75, 25], axis=0))
     scale = np.where(scale > 0, scale, 1.0)
-    standard = (points - location) / scale
+    standard = points - location
+    standard /= scale  # in place: one n × 2 float64 temporary fewer, the same numbers
+    del points  # (float64 copy of the caller's points; not needed again)
     # k-means++ draws events by index: put them in an order of their values
-    # so that the file's event order cannot change the split.
-    canonical = standard[np.lexsort(standard.T[::-1])]
-    sample = _probe(canonical, probe)
+    # so that the file's event order cannot change the split. (The probe's
+    # rows of that order, taken without sorting a copy of every point.)
+    order = np.lexsort(standard.T[::-1])
+    sample = standard[_probe(order, probe)]
+    del order
     fit = kmeans(xp.asarray(sample), 2, seed=seed)
     centers = to_numpy(fit.centers)
     direction = centers[1] - centers[0]
@@ -1156,7 +1173,11 @@ def run_plan(data, channels, panel, params, device=None, tops=None):
     from .auto import GatingResult
 
     xp, device_name = get_array_module(device)
-    context = GatingContext(np.asarray(data, dtype=np.float64), channels, params, xp, device_name, tops)
+    # float32 or float64 as given (float32 from the CLI: a float64 copy doubled a large tube's memory)
+    data = np.asarray(data)
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float64)
+    context = GatingContext(data, channels, params, xp, device_name, tops)
     for step in panel.plan:
         missing = [d for d in step.dimensions if d not in channels and d not in ("FSC-H",)]
         if missing:

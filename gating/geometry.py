@@ -101,12 +101,25 @@ def _plain(value):
     return value
 
 
+#: Events per block where a gate is evaluated block by block (its temporaries stay small on a large tube).
+BLOCK_EVENTS = 1 << 16
+
+
 def axis_values(data, channels, dimension):
-    """The values of ``dimension`` for every event (applying the ``log`` transform)."""
+    """The values of ``dimension`` for every event (applying the ``log`` transform).
+
+    ``log`` is log10(x) + 1 for x > 0 and −inf elsewhere, in the data's
+    dtype, written into one new array (no full-length temporaries beside it).
+    """
     values = data[:, channels[dimension.channel]]
     if dimension.transform == "log":
+        positive = values > 0
+        out = np.where(positive, values, 1.0)  # the one new array: log10 and + 1 in place, as before
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(values > 0, np.log10(np.where(values > 0, values, 1.0)) + 1.0, -np.inf)
+            np.log10(out, out=out)
+        out += 1.0
+        out[~positive] = -np.inf
+        return out
     return values
 
 
@@ -136,19 +149,23 @@ def gate_contains(gate, data, channels, masks):
     parent = masks[gate.parent] if gate.parent is not None else np.ones(data.shape[0], dtype=bool)
     if gate.shape == "not":
         return parent & ~masks[gate.complement_of]
-    if gate.shape == "rectangle":
-        inside = parent.copy()
-        for dimension in gate.dimensions:
-            values = axis_values(data, channels, dimension)
-            if dimension.minimum is not None:
-                inside &= values >= dimension.minimum
-            if dimension.maximum is not None:
-                inside &= values < dimension.maximum
-        return inside
-    if gate.shape == "polygon":
-        x = axis_values(data, channels, gate.dimensions[0])
-        y = axis_values(data, channels, gate.dimensions[1])
-        inside = parent.copy()
-        inside[parent] = points_in_polygon(x[parent], y[parent], gate.vertices)
-        return inside
-    raise ValueError(f"unknown gate shape {gate.shape!r}")
+    if gate.shape not in ("rectangle", "polygon"):
+        raise ValueError(f"unknown gate shape {gate.shape!r}")
+    inside = parent.copy()
+    # A block of events at a time (each event's membership is its own): a
+    # log axis or the polygon test never needs a full-length temporary.
+    for start in range(0, data.shape[0], BLOCK_EVENTS):
+        rows = slice(start, start + BLOCK_EVENTS)
+        block, within = data[rows], inside[rows]
+        if gate.shape == "rectangle":
+            for dimension in gate.dimensions:
+                values = axis_values(block, channels, dimension)
+                if dimension.minimum is not None:
+                    within &= values >= dimension.minimum
+                if dimension.maximum is not None:
+                    within &= values < dimension.maximum
+        else:
+            x = axis_values(block, channels, gate.dimensions[0])
+            y = axis_values(block, channels, gate.dimensions[1])
+            within[within] = points_in_polygon(x[within], y[within], gate.vertices)
+    return inside

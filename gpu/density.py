@@ -18,6 +18,10 @@ def _xp(array):
     return np
 
 
+#: Values binned per step on the CPU by :func:`histogram_1d`.
+HISTOGRAM_BLOCK = 1 << 16
+
+
 def histogram_1d(values, bins, value_range):
     """Counts of ``values`` in ``bins`` equal bins over ``value_range``.
 
@@ -45,13 +49,20 @@ def histogram_1d(values, bins, value_range):
     lo, hi = float(value_range[0]), float(value_range[1])
     if not hi > lo:
         raise ValueError(f"empty histogram range ({lo}, {hi})")
-    values = xp.asarray(values, dtype=xp.float64).ravel()
-    index = xp.floor((values - lo) * (bins / (hi - lo))).astype(xp.int64)
-    index = xp.where(values == hi, bins - 1, index)  # the top edge belongs to the last bin
-    keep = (index >= 0) & (index < bins)
-    counts = xp.bincount(index[keep], minlength=bins).astype(xp.float64)
+    values = xp.asarray(values).ravel()
+    # On the CPU a block of values at a time: the float64 and index temporaries
+    # of a 10-million-event column would be ~40 bytes an event. Counts add
+    # exactly, so the result is the same.
+    step = max(values.size, 1) if xp is not np else HISTOGRAM_BLOCK
+    counts = xp.zeros(bins, dtype=xp.int64)
+    for start in range(0, max(values.size, 1), step):
+        chunk = xp.asarray(values[start:start + step], dtype=xp.float64)
+        index = xp.floor((chunk - lo) * (bins / (hi - lo))).astype(xp.int64)
+        index = xp.where(chunk == hi, bins - 1, index)  # the top edge belongs to the last bin
+        keep = (index >= 0) & (index < bins)
+        counts += xp.bincount(index[keep], minlength=bins)
     edges = np.linspace(lo, hi, bins + 1)
-    return counts, edges
+    return counts.astype(xp.float64), edges
 
 
 def gaussian_smooth_1d(counts, sigma_bins):

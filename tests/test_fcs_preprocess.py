@@ -11,13 +11,23 @@ def test_compensation_equals_flowkit_on_real_file(real_fcs):
 
     sample = read_fcs(real_fcs)
     assert sample.spillover is not None and sample.spillover.source == "SPILL"
-    ours = compensate(sample.events, sample.pnn, sample.spillover)
     reference = fk.Sample(str(real_fcs), subsample=0)
     reference.apply_compensation(reference.metadata["spill"])
     theirs = reference.get_events(source="comp")
+    # The algorithm, on flowkit's own float64 raw events: flowkit's numbers.
+    ours = compensate(reference.get_events(source="raw"), sample.pnn, sample.spillover)
+    assert ours.dtype == np.float64
     np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-6)
     # Compensation must have changed the fluorescence channels.
     assert not np.allclose(ours[:, 4], sample.events[:, 4])
+    # The float32 path the CLI takes: within float32 rounding of the raw values and of the result.
+    ours32 = compensate(sample.events, sample.pnn, sample.spillover)
+    assert ours32.dtype == np.float32
+    columns = [sample.pnn.index(d) for d in sample.spillover.detectors]
+    raw = reference.get_events(source="raw")[:, columns]
+    bound = np.finfo(np.float32).eps * (np.abs(raw) @ np.abs(np.linalg.inv(sample.spillover.matrix))
+                                        + np.abs(theirs[:, columns]))
+    assert np.all(np.abs(ours32[:, columns] - theirs[:, columns]) <= bound)
 
 
 def test_compensation_inverts_known_spillover():

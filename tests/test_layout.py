@@ -17,7 +17,7 @@ PACKAGE = ROOT / "cytometry"
 
 #: Imports that may be deferred into a function, and why.
 DEFERRED = {
-    "flowkit": "2.3 s to import; only reading an FCS file or writing GatingML needs it, not --help or the store",
+    "flowkit": "2.3 s to import; only GatingML export and reviewed gates need it, not reading files, --help or the store",
     "anndata": "optional extra (GatedSample.to_anndata)",
     "dask": "optional extra (--scheduler)",
     "importlib": "the package's lazy top-level exports",

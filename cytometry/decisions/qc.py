@@ -132,21 +132,51 @@ def review(gated, rules=None):
     return [c.flag for c in run_checks(gated, rules) if c.flag is not None]
 
 
-def _acquisition_checks(gated, rules, add):
-    """Saturated events and interruptions of the flow (clogs, bubbles), through ``add`` of :func:`run_checks`."""
-    sample, panel = gated.sample, gated.panel
+def saturated_events(sample, panel, block=1 << 16):
+    """Events at the top of scale (raw value ≥ ``$PnR`` − 1) in a marker's channel or FSC-A/SSC-A.
+
+    Read from the raw events, so it is taken before they are transformed in
+    place (:func:`cytometry.analysis.gate_file`); a block of events at a
+    time, without a copy of the columns.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_events,)
+
+    Examples
+    --------
+    >>> from cytometry.loading.fcs import read_fcs
+    >>> from cytometry.loading.panel import resolve_panel
+    >>> sample = read_fcs("sample_fcs/S01_screening_TBNK.fcs")
+    >>> mask = saturated_events(sample, resolve_panel(sample.pnn, sample.pns))
+    >>> mask.shape, mask.dtype
+    ((24123,), dtype('bool'))
+    """
     names = list(panel.markers.values()) + [panel.scatter[k] for k in ("FSC-A", "SSC-A") if k in panel.scatter]
     columns = [sample.channel_index(name) for name in names]
     tops = np.array([sample.ranges[c] if np.isfinite(sample.ranges[c]) and sample.ranges[c] > 1 else np.inf
                      for c in columns])
-    saturated = (sample.events[:, columns] >= tops - 1).any(axis=1)
+    saturated = np.zeros(sample.n_events, dtype=bool)
+    for start in range(0, sample.n_events, block):
+        saturated[start:start + block] = (sample.events[start:start + block, columns] >= tops - 1).any(axis=1)
+    return saturated
+
+
+def _acquisition_checks(gated, rules, add):
+    """Saturated events and interruptions of the flow (clogs, bubbles), through ``add`` of :func:`run_checks`."""
+    sample, panel = gated.sample, gated.panel
+    saturated = getattr(gated, "saturated", None)
+    if saturated is None:
+        saturated = saturated_events(sample, panel)
     fraction = float(saturated.mean())
     add("saturated_events", "acquisition", fraction <= rules.max_saturated_fraction,
         f"{100 * fraction:.2f}% of events at the top of scale", f"<= {100 * rules.max_saturated_fraction:g}%",
         "warning", f"{100 * fraction:.1f}% of events at the top of scale (> {100 * rules.max_saturated_fraction:g}%)")
     limit = f"<= {100 * rules.max_flow_gap_fraction:g}% of the time below {100 * rules.min_flow_rate_fraction:g}% of the median rate"
     if "Time" in panel.scatter and sample.n_events >= 20 * rules.flow_bins:
-        time = sample.events[:, sample.channel_index(panel.scatter["Time"])]
+        column = sample.channel_index(panel.scatter["Time"])
+        # The transformed data keep the time channel as read (released raw events: take it there).
+        time = sample.events[:, column] if sample.events is not None else gated.data[:, column]
         if np.ptp(time) > 0:
             counts, _ = np.histogram(time, bins=rules.flow_bins)
             slow = counts < rules.min_flow_rate_fraction * np.median(counts)

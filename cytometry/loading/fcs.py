@@ -7,11 +7,13 @@ message that names the file.
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import flowio
 import numpy as np
 
 from gating.panels import is_fluorescence
@@ -58,8 +60,9 @@ class FcsSample:
     sha256 : str
         SHA-256 of the file's bytes (provenance).
     fcs_version : str
-    events : ndarray, shape (n_events, n_channels)
-        Raw, uncompensated, linear values (``$PnG``/``$PnE`` applied by flowkit).
+    events : ndarray of float32, shape (n_events, n_channels)
+        Raw, uncompensated, linear values (``$PnG``/``$PnE`` applied as
+        flowio/flowkit do; float32, see :func:`event_matrix`).
     pnn, pns : list of str
         Detector names (``$PnN``) and markers (``$PnS``, ``""`` when absent).
     ranges : list of float
@@ -74,6 +77,9 @@ class FcsSample:
     dropped_events : int
         Events dropped because they held NaN or infinite values (at most 1%
         of the file; more and the file is refused).
+    released_events : int
+        Events whose raw array was handed on by :meth:`release_events`
+        (``events`` is then ``None``; 0 while ``events`` is held).
     """
 
     path: Path
@@ -89,10 +95,32 @@ class FcsSample:
     vol_nl: float | None = None
     dropped_events: int = 0
     read_notes: list = field(default_factory=list)
+    released_events: int = 0
 
     @property
     def n_events(self):
-        return self.events.shape[0]
+        return self.events.shape[0] if self.events is not None else self.released_events
+
+    def release_events(self):
+        """Hand the raw event array on and drop it from the sample (``events`` becomes ``None``).
+
+        For a caller that transforms the events in place (the CLI's
+        :func:`cytometry.analysis.gate_file` with ``keep_raw=False``): the
+        sample no longer claims to hold raw values, and a large tube is not
+        held twice. ``n_events`` still answers.
+
+        Examples
+        --------
+        >>> sample = read_fcs("sample_fcs/S01_screening_TBNK.fcs")
+        >>> events = sample.release_events()
+        >>> events.shape, sample.events, sample.n_events
+        ((24123, 10), None, 24123)
+        """
+        if self.events is None:
+            raise ValueError(f"{self.path}: the raw events were already released")
+        events, self.events = self.events, None
+        self.released_events = events.shape[0]
+        return events
 
     def __repr__(self):
         spill = f", spillover from {self.spillover.source}" if self.spillover is not None else ""
@@ -312,7 +340,7 @@ def check_header(path, max_events=DEFAULT_MAX_EVENTS):
 
 
 def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
-    """Load an FCS file with flowkit into an :class:`FcsSample`.
+    """Load an FCS file (parsed by flowio, flowkit's reader) into an :class:`FcsSample`.
 
     Parameters
     ----------
@@ -335,8 +363,6 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
     >>> sample.pnn[:3], sample.n_events
     (['FSC-A', 'FSC-H', 'SSC-A'], 24123)
     """
-    import flowkit as fk
-
     path = Path(path)
     if not path.exists():
         raise FcsError(path, "file not found")
@@ -354,33 +380,38 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # flowio parses (what flowkit.Sample does first); the events are then
+            # converted here, not by Sample (see event_matrix: float32, no float64 copy).
             try:
-                flow = fk.Sample(str(path), subsample=0)
+                flow = flowio.FlowData(str(path))
             except Exception as exc:
                 if type(exc).__name__ == "DataOffsetDiscrepancyError":
-                    flow = fk.Sample(str(path), subsample=0, ignore_offset_discrepancy=True)
+                    flow = flowio.FlowData(str(path), ignore_offset_discrepancy=True)
                     notes.append("file: HEADER and TEXT data offsets disagree; read with the HEADER's")
                 elif "off by 1" in str(exc):
                     # Some instruments (e.g. Miltenyi FCS 3.1) write a data offset one byte
                     # off; flowio reads them when told to, and the result says so.
-                    flow = fk.Sample(str(path), subsample=0, ignore_offset_error=True)
+                    flow = flowio.FlowData(str(path), ignore_offset_error=True)
                     notes.append("file: data offset off by 1 byte in the file (a known instrument quirk); "
                                  "read anyway, review the events")
                 else:
                     raise
-            events = np.asarray(flow.get_events(source="raw"), dtype=np.float64)
+            events = event_matrix(flow)
+            flow.events = None  # flowio's copy of the DATA segment: freed before the next stage
     except Exception as exc:  # flowio/flowkit raise many types; all mean "unreadable"
         raise FcsError(path, f"cannot be read as FCS: {_describe(exc)}") from exc
     if events.ndim != 2 or events.shape[0] == 0:
         raise FcsError(path, "contains no events")
-    finite = np.isfinite(events).all(axis=1)
+    finite = np.ones(events.shape[0], dtype=bool)
+    for start in range(0, events.shape[0], EVENT_BLOCK):  # blocks: no n_events x n_channels temporary
+        finite[start:start + EVENT_BLOCK] = np.isfinite(events[start:start + EVENT_BLOCK]).all(axis=1)
     dropped = int((~finite).sum())
     if dropped:
         if dropped > 0.01 * events.shape[0]:
             raise FcsError(path, f"{dropped} of {events.shape[0]} events hold NaN or infinite values")
         # A few corrupt events: dropped, and said so (FcsSample.dropped_events, a QC flag).
         events = events[finite]
-    keywords = {str(k).lower().lstrip("$"): str(v) for k, v in flow.metadata.items()}
+    keywords = {str(k).lower().lstrip("$"): str(v) for k, v in flow.text.items()}
     pnn = [str(x) for x in flow.pnn_labels]
     duplicates = sorted({name for name in pnn if pnn.count(name) > 1})
     if duplicates:
@@ -421,6 +452,86 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
         dropped_events=dropped,
         read_notes=notes,
     )
+
+
+#: dtype of :attr:`FcsSample.events` and of the gated data: 4 bytes a value (float64 doubled a
+#: 10-million-event tube's memory); a 24-bit significand keeps integer data to 2^24 exactly and
+#: anything else to 6e-8 of its value, far finer than any detector resolves.
+EVENT_DTYPE = np.float32
+
+#: Events converted per step: the float64 arithmetic of a block stays small (2 MB at 16 channels).
+EVENT_BLOCK = 1 << 14
+
+
+def event_matrix(flow, dtype=EVENT_DTYPE):
+    """The events of a parsed :class:`flowio.FlowData`, as an ``(n_events, n_channels)`` array of ``dtype``.
+
+    The same values as ``flowio.FlowData.as_array()`` (and so as
+    ``flowkit.Sample(...).get_events(source="raw")``): ``$TIMESTEP`` applied
+    to the time channel, ``$PnE`` log decades and ``$PnG`` gains undone, each
+    computed in float64 exactly as flowio does, then stored as ``dtype``.
+    flowio's version holds the whole file in float64 (twice the float32
+    data, beside flowio's own copy of the DATA segment); this one converts a
+    block of :data:`EVENT_BLOCK` events at a time into the result.
+
+    Parameters
+    ----------
+    flow : flowio.FlowData
+        Parsed with its events (not ``only_text``).
+    dtype : numpy dtype
+        Of the result (default :data:`EVENT_DTYPE`, float32).
+
+    Returns
+    -------
+    ndarray, shape (n_events, n_channels)
+
+    Raises
+    ------
+    ValueError
+        When the DATA segment does not hold whole events, or ``$TIMESTEP``
+        is not a number.
+
+    Examples
+    --------
+    >>> import flowio
+    >>> flow = flowio.FlowData("sample_fcs/S01_screening_TBNK.fcs")
+    >>> events = event_matrix(flow)
+    >>> events.dtype, events.shape
+    (dtype('float32'), (24123, 10))
+    >>> bool((events == flow.as_array().astype(np.float32)).all())
+    True
+    """
+    raw = flow.events
+    if isinstance(raw, array.array):
+        flat = np.frombuffer(raw, dtype=np.dtype(raw.typecode))  # a view: no copy of the DATA segment
+    else:  # flowio's list for mixed integer widths
+        flat = np.asarray(raw)
+    matrix = np.reshape(flat, (-1, flow.channel_count))
+    time_step = None
+    if "timestep" in flow.text and flow.time_index is not None:
+        try:
+            time_step = float(flow.text["timestep"])
+        except ValueError:
+            if flow.text["timestep"].strip() != "":
+                raise ValueError(f"$TIMESTEP is not a number: {flow.text['timestep']!r}") from None
+            time_step = 1.0
+    scaling = []
+    for number, channel in flow.channels.items():
+        decades, log0 = channel["pne"]
+        scaling.append((int(number) - 1, decades, log0, channel["pnr"], channel["png"]))
+    out = np.empty(matrix.shape, dtype=dtype)
+    for start in range(0, matrix.shape[0], EVENT_BLOCK):
+        block = matrix[start:start + EVENT_BLOCK].astype(np.float64)
+        # flowio's own steps and order (FlowData.as_array), so the values match it to the last bit.
+        if time_step is not None:
+            block[:, flow.time_index] = block[:, flow.time_index] * time_step
+        for index, decades, log0, top, gain in scaling:
+            if decades > 0:
+                block[:, index] = (10 ** (decades * block[:, index] / top)) * log0
+            if gain != 1.0 and gain != 0:
+                block[:, index] = block[:, index] / gain
+        out[start:start + EVENT_BLOCK] = block
+    return out
 
 
 def _describe(exc):
