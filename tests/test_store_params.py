@@ -107,7 +107,7 @@ def test_api_refuses_a_second_set(sample_dir, default_store, tmp_path):
 
 
 def _legacy_copy(store, target, duplicate_as=None):
-    """``store`` as an older version wrote it: no parameters.json, no parameter_set attributes.
+    """``store`` as an older version wrote it: no parameters.json, no parameter_set or checksum attributes.
 
     ``duplicate_as``: also a second entry of each file under that parameter hash (two sets mixed).
     """
@@ -118,6 +118,7 @@ def _legacy_copy(store, target, duplicate_as=None):
     for entry in ResultStore(target).entries():
         with h5py.File(entry, "a") as h5:
             del h5.attrs["parameter_set"]
+            del h5.attrs["checksum"]  # older versions stored none (and their entries are read unverified)
         if duplicate_as:
             sha = entry.stem.rsplit("-", 1)[0]
             shutil.copy(entry, entry.with_name(f"{sha}-{duplicate_as}.h5"))

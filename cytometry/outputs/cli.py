@@ -225,7 +225,9 @@ def cmd_analyze(args):
     else:
         print(_format_table(results))
         failed = sum(r["status"] == "error" for r in results)
-        print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed")
+        unstored = sum(bool(r.get("store_error")) for r in results)
+        also = f", {unstored} not stored" if unstored else ""
+        print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed{also}")
     return _exit_code(results)
 
 
