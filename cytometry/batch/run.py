@@ -92,6 +92,10 @@ def _save_atomically(out_dir, save):
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".tmp-*"):  # left by a process killed while writing (its pid ends the name)
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     scratch = out_dir / f".tmp-{secrets.token_hex(4)}-{os.getpid()}"
     scratch.mkdir()
     try:

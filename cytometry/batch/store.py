@@ -356,7 +356,16 @@ class ResultStore:
 
     @contextlib.contextmanager
     def writer(self, timeout=0.0):
-        """``with store.writer(timeout):`` holds the writer lock for the block (see :meth:`lock`)."""
+        """``with store.writer(timeout):`` holds the writer lock for the block (see :meth:`lock`).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> path = tempfile.mkdtemp()
+        >>> with ResultStore(path).writer():
+        ...     ResultStore(path).clean_leftovers()    # another opener changes nothing meanwhile
+        []
+        """
         held = self._lock_fd is not None
         self.lock(timeout)
         try:
@@ -408,6 +417,18 @@ class ResultStore:
         -------
         list of Path
             The files removed.
+
+        Examples
+        --------
+        >>> import subprocess, sys, tempfile
+        >>> store = ResultStore(tempfile.mkdtemp())
+        >>> ended = subprocess.Popen([sys.executable, "-c", "pass"]); _ = ended.wait()   # a writer that has ended
+        >>> (store.samples / f".tmp-x.h5-00ff00ff-{ended.pid}").write_bytes(b"killed in flight")
+        16
+        >>> (store.samples / f".tmp-y.h5-00ff00ff-{os.getpid()}").write_bytes(b"mine")
+        4
+        >>> [p.name.split("-")[1] for p in store.clean_leftovers()]
+        ['x.h5']
         """
         with self._exclusive() as held:
             return self._clean_leftovers() if held else []
