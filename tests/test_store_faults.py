@@ -7,6 +7,7 @@ running. Four tubes from ``sample_fcs/`` keep it quick.
 """
 import csv
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -130,10 +131,14 @@ def test_a_damaged_entry_is_moved_aside_and_reanalysed(capsys, tubes, built, tmp
     assert code == 0 and "damaged store entry" not in err
 
 
-def test_every_entry_carries_a_checksum_of_its_payload(built):
+def test_every_entry_is_sealed_with_the_sha256_of_its_bytes(built):
     for entry in ResultStore(built[0]).entries():
-        with h5py.File(entry, "r") as h5:
-            assert h5.attrs["checksum"] == store_module.payload_digest(h5)
+        data = entry.read_bytes()
+        seal = data[:store_module.USERBLOCK].rstrip(b"\0").decode().splitlines()
+        assert seal == ["cytometry-counts store entry", f"sha256 {hashlib.sha256(data[512:]).hexdigest()}",
+                        f"bytes {len(data) - 512}"]
+        with h5py.File(entry, "r") as h5:  # still a plain HDF5 file to any reader
+            assert json.loads(h5.attrs["result"])["file"].endswith(h5.attrs["file_name"])
 
 
 # -- 2. subject commands and the report name what they could not read, and exit 1 ------------------------
@@ -167,7 +172,8 @@ def test_eligibility_and_report_name_a_changed_screening_entry_and_exit_1(capsys
     damage(entry, "changed")  # would read as twice the B cells without the checksum
     code, out, err = cli(capsys, "eligibility", "--store", store, "--json")
     assert code == 1
-    assert any("S01_screening_TBNK.fcs" in line and "checksum mismatch" in line for line in err.splitlines()), err
+    assert any("S01_screening_TBNK.fcs" in line and "changed after it was written" in line
+               for line in err.splitlines()), err
     document = json.loads(out)
     assert document["unreadable"][0]["store_entry"] == entry.name
     assert all(row["value"] != 2 * b_cells(built[1]["S01_screening_TBNK.fcs"]) for row in document["subjects"])

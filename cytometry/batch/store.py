@@ -22,14 +22,16 @@ left. There is no study file to corrupt: the index is rebuilt by listing
 ``samples/``.
 
 Verification
-    Every entry carries ``checksum``: the SHA-256 of its payload (every
-    attribute, dataset name, dtype, shape and value; :func:`payload_digest`).
-    Reading an entry reads and checks all of it. An entry that does not open
+    Every entry is sealed: its first :data:`USERBLOCK` bytes (an HDF5 user
+    block, which HDF5 leaves to the application) say ``cytometry-counts
+    store entry``, the SHA-256 of every byte after them and their number
+    (:func:`entry_seal`). Reading an entry hashes the whole file (one
+    sequential read) and compares. An entry that does not open
     (truncated, zeroed, not HDF5) or whose payload does not match its
-    checksum is *damaged*: it is moved to ``samples/damaged/`` and read as an
-    error result naming it, until a new entry for the same FCS file
-    supersedes it; a run re-analyses that sample. Entries written before
-    checksums were stored are read when every part of them reads.
+    seal (truncated, changed) is *damaged*: it is moved to ``samples/damaged/``
+    and read as an error result naming it, until a new entry for the same FCS
+    file supersedes it; a run re-analyses that sample. Entries written before
+    seals were written are read when every dataset in them reads.
 
 One writer per store
     :meth:`ResultStore.lock` takes an exclusive ``flock`` on
@@ -141,8 +143,9 @@ class StoreWriteError(OSError):
         return self.strerror or super().__str__()
 
 
-#: The root attribute holding an entry's :func:`payload_digest`.
-CHECKSUM_ATTR = "checksum"
+#: Bytes at the start of every entry holding its seal (an HDF5 user block: HDF5 starts after it).
+USERBLOCK = 512
+ENTRY_MAGIC = b"cytometry-counts store entry\n"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -659,7 +662,7 @@ class ResultStore:
         # Built in memory: the HDF5 library never writes to the disk itself, so a full disk is a plain
         # OSError in _write_atomically (HDF5 failing inside its own writes crashed the process).
         buffer = io.BytesIO()
-        with h5py.File(buffer, "w") as h5:
+        with h5py.File(buffer, "w", userblock_size=USERBLOCK) as h5:
             h5.attrs["result"] = json.dumps(result, default=_json_default)
             h5.attrs["sha256"] = sha
             h5.attrs["params_hash"] = params
@@ -693,9 +696,10 @@ class ResultStore:
                                       compression="gzip")
             elif events is not None:
                 h5.create_dataset("events", data=np.asarray(events, dtype=np.float32), compression="gzip")
-            h5.flush()
-            h5.attrs[CHECKSUM_ATTR] = payload_digest(h5)  # read back through HDF5, as a reader will
-        self._write_atomically(target, buffer.getbuffer(), f"store entry of {source.name}")
+        data = buffer.getbuffer()
+        seal = entry_seal(data[USERBLOCK:])
+        data[:len(seal)] = seal  # into the user block, which HDF5 left zeroed
+        self._write_atomically(target, data, f"store entry of {source.name}")
         if parameter_set is not None:  # one entry per file within the set
             for earlier in self.samples.glob(f"{sha}-*.h5"):
                 if earlier != target:
@@ -787,31 +791,27 @@ class ResultStore:
         return result
 
     def _verified(self, path):
-        """Read all of one entry and check its checksum; raises _Damage saying what is wrong."""
-        file_name = None
+        """Check one entry's seal and read its result; raises _Damage saying what is wrong."""
         try:
-            with open(path, "rb") as fh:
-                head = fh.read(len(HDF5_SIGNATURE))
+            sealed = _check_seal(path)
         except FileNotFoundError:
             raise
         except OSError as exc:
             raise _Damage(f"unreadable: {exc.strerror or exc}") from None
-        if not head:
-            raise _Damage("empty file")
-        if head != HDF5_SIGNATURE:
-            raise _Damage("not an HDF5 file: no HDF5 signature" + (", zeroed" if not head.strip(b"\0") else ""))
+        except _Damage as damage:
+            damage.file_name = _file_name_hint(path)
+            raise
+        file_name = None
         try:
             with h5py.File(path, "r") as h5:
                 file_name = _text(h5.attrs.get("file_name"))
-                stored = _text(h5.attrs.get(CHECKSUM_ATTR))
-                digest = payload_digest(h5)
-                if stored is not None and stored != digest:
-                    raise _Damage("checksum mismatch: its contents changed after it was written", file_name)
+                if not sealed:  # written before seals: at least every part of it must read
+                    h5.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
                 result = json.loads(h5.attrs["result"])
                 parameter_set = _text(h5.attrs.get("parameter_set"))
-        except _Damage:
-            raise
         except Exception as exc:  # h5py raises OSError, KeyError, RuntimeError, ValueError... for a broken file
+            if not path.exists():  # replaced by its writer while being read: not damaged
+                raise FileNotFoundError(path) from None
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _Damage(f"does not read: {text}", file_name) from None
         if not isinstance(result, dict):
@@ -1009,68 +1009,68 @@ class _Damage(Exception):
         self.file_name = file_name
 
 
-def payload_digest(h5):
-    """SHA-256 of everything an entry holds but its checksum: attributes, dataset names, dtypes, shapes, values.
-
-    Reading every dataset is the point: a truncated or overwritten chunk
-    either fails to decompress or changes the digest.
+def entry_seal(payload):
+    """The seal written into an entry's user block: magic line, SHA-256 and length of the bytes after it.
 
     Parameters
     ----------
-    h5 : h5py.File
-        Open for reading (or just written).
+    payload : bytes-like
+        The entry's bytes after the first :data:`USERBLOCK` bytes.
 
     Returns
     -------
-    str
-        ``"sha256:"`` and 64 hex digits.
+    bytes
+        At most :data:`USERBLOCK` bytes.
 
     Examples
     --------
-    >>> import io
-    >>> with h5py.File(io.BytesIO(), "w") as h5:
-    ...     h5.attrs["result"] = "{}"
-    ...     _ = h5.create_dataset("masks/b_cells", data=np.packbits([True, False]))
-    ...     before = payload_digest(h5)
-    ...     h5["masks/b_cells"][0] = 0
-    ...     before == payload_digest(h5), before[:7]
-    (False, 'sha256:')
+    >>> entry_seal(b"abc").decode().splitlines()
+    ['cytometry-counts store entry', 'sha256 ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad', 'bytes 3']
     """
-    digest = hashlib.sha256()
-
-    def add(tag, data):
-        digest.update(tag + len(data).to_bytes(8, "little") + data)
-
-    def attributes(obj):
-        for name in sorted(obj.attrs):
-            if obj.name == "/" and name == CHECKSUM_ATTR:
-                continue
-            add(b"a", name.encode())
-            add(b"v", _value_bytes(obj.attrs[name]))
-
-    attributes(h5)
-    names = []
-    h5.visit(names.append)
-    for name in sorted(names):
-        obj = h5[name]
-        add(b"n", name.encode())
-        if isinstance(obj, h5py.Dataset):
-            data = np.ascontiguousarray(obj[()])
-            add(b"d", f"{data.dtype.str}{data.shape}".encode())
-            add(b"b", data.tobytes())
-        attributes(obj)
-    return "sha256:" + digest.hexdigest()
+    payload = memoryview(payload).cast("B")
+    return ENTRY_MAGIC + f"sha256 {hashlib.sha256(payload).hexdigest()}\nbytes {payload.nbytes}\n".encode()
 
 
-def _value_bytes(value):
-    if isinstance(value, bytes):
-        return b"b" + value
-    if isinstance(value, str):
-        return b"s" + value.encode("utf-8", "surrogatepass")
-    array = np.asarray(value)
-    if array.dtype.kind == "O":
-        return b"o" + json.dumps([str(v) for v in array.ravel()]).encode()
-    return f"{array.dtype.str}{array.shape}".encode() + np.ascontiguousarray(array).tobytes()
+def _check_seal(path, chunk=1 << 20):
+    """True when ``path`` is a sealed entry whose bytes match its seal, False for an older, unsealed one.
+
+    Raises _Damage for an empty file, a file that is not HDF5, a seal that
+    does not match (truncated, extended or changed bytes).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(USERBLOCK)
+        if not head:
+            raise _Damage("empty file")
+        if not head.startswith(ENTRY_MAGIC):
+            if head.startswith(HDF5_SIGNATURE):
+                return False  # written before entries were sealed
+            zeroed = ", zeroed" if not head.strip(b"\0") else ""
+            raise _Damage(f"not an HDF5 file: no store seal and no HDF5 signature{zeroed}")
+        try:
+            fields = dict(line.split(" ", 1) for line in head[len(ENTRY_MAGIC):].split(b"\0", 1)[0].decode()
+                          .splitlines())
+            wanted, length = fields["sha256"], int(fields["bytes"])
+        except (ValueError, KeyError, UnicodeDecodeError):
+            raise _Damage("its seal is unreadable") from None
+        digest, size = hashlib.sha256(), 0
+        while block := fh.read(chunk):
+            digest.update(block)
+            size += len(block)
+    if size != length:
+        raise _Damage(f"truncated: {size:,} of {length:,} bytes" if size < length else
+                      f"changed after it was written: {size:,} bytes where {length:,} were written")
+    if digest.hexdigest() != wanted:
+        raise _Damage("checksum mismatch: its contents changed after it was written")
+    return True
+
+
+def _file_name_hint(path):
+    """The FCS file name a damaged entry says it holds, when that much still reads (for the message)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return _text(h5.attrs.get("file_name"))
+    except Exception:
+        return None
 
 
 def _text(value):
