@@ -86,7 +86,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -100,6 +99,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so one writer per store is not enforced there (logged when locking)
+    fcntl = None
 
 from cytometry._version import __version__
 from cytometry.analysis import export_gating
@@ -322,6 +326,11 @@ class ResultStore:
         except OSError as exc:
             raise StoreWriteError(f"{self.lock_path}: cannot create the store's lock file "
                                   f"({exc.strerror or exc})") from None
+        if fcntl is None:
+            logger.warning("%s: no flock on this platform; make sure no other run writes this store", self.path)
+            self._lock_fd = fd
+            self._clean_leftovers()
+            return
         deadline = time.monotonic() + max(0.0, float(timeout))
         while True:
             try:
@@ -353,7 +362,8 @@ class ResultStore:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
 
@@ -387,7 +397,7 @@ class ResultStore:
     @contextlib.contextmanager
     def _exclusive(self):
         """Yield whether this process may change the store now: it holds the lock, or takes it without waiting."""
-        if self._lock_fd is not None:
+        if self._lock_fd is not None or fcntl is None:
             yield True
             return
         try:
