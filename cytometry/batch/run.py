@@ -69,7 +69,8 @@ def write_artifacts(gated, result, plots_dir=None, gatingml_dir=None):
     path = gated.sample.path
     if plots_dir:
         try:
-            result["gating_figure"] = str(_save_atomically(plots_dir, lambda folder: save_gating_figure(gated, folder)))
+            figure = _save_atomically(plots_dir, lambda folder: save_gating_figure(gated, folder))
+            result["gating_figure"] = str(figure)
         except Exception as exc:  # the counts stand; say what could not be written
             _output_failed(result, "gating figure", plots_dir, exc)
     if gatingml_dir:
@@ -92,10 +93,6 @@ def _save_atomically(out_dir, save):
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".tmp-*"):  # left by a process killed while writing (its pid ends the name)
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
     scratch = out_dir / f".tmp-{secrets.token_hex(4)}-{os.getpid()}"
     scratch.mkdir()
     try:
