@@ -316,7 +316,7 @@ class ResultStore:
         >>> second.lock(timeout=0)
         Traceback (most recent call last):
         ...
-        cytometry.batch.store.StoreLocked: ...: another run (pid ...) holds this store; wait for it to finish, or give another --out folder
+        cytometry.batch.store.StoreLocked: ...: another run (pid ...) holds this store; wait for it to finish...
         >>> first.unlock(); second.lock(); second.unlock()
         """
         if self._lock_fd is not None:
@@ -1034,8 +1034,9 @@ def entry_seal(payload):
 
     Examples
     --------
-    >>> entry_seal(b"abc").decode().splitlines()
-    ['cytometry-counts store entry', 'sha256 ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad', 'bytes 3']
+    >>> magic, digest, length = entry_seal(b"abc").decode().splitlines()
+    >>> magic, digest[:20], length
+    ('cytometry-counts store entry', 'sha256 ba7816bf8f01cf', 'bytes 3')
     """
     payload = memoryview(payload).cast("B")
     return ENTRY_MAGIC + f"sha256 {hashlib.sha256(payload).hexdigest()}\nbytes {payload.nbytes}\n".encode()
