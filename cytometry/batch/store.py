@@ -1036,7 +1036,7 @@ def entry_seal(payload):
     --------
     >>> magic, digest, length = entry_seal(b"abc").decode().splitlines()
     >>> magic, digest[:20], length
-    ('cytometry-counts store entry', 'sha256 ba7816bf8f01cf', 'bytes 3')
+    ('cytometry-counts store entry', 'sha256 ba7816bf8f01c', 'bytes 3')
     """
     payload = memoryview(payload).cast("B")
     return ENTRY_MAGIC + f"sha256 {hashlib.sha256(payload).hexdigest()}\nbytes {payload.nbytes}\n".encode()
