@@ -325,7 +325,10 @@ def test_two_concurrent_analyze_runs_into_one_store(tubes, tmp_path):
     store = tmp_path / "store"
     command = [sys.executable, "-m", "cytometry", "analyze", str(tubes), "--manifest", str(tubes / "manifest.csv"),
                "--out", str(store), "--workers", "1", "--json", "--lock-timeout", "240"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The first also draws gating figures (slower per tube; the parameter set is the same), so that it is
+    # still analysing when the second, started once the first has opened the store, looks at it.
+    first = subprocess.Popen(command + ["--plots", str(tmp_path / "plots")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and first.poll() is None and not (store / "samples").is_dir():
         time.sleep(0.01)
