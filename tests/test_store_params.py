@@ -1,6 +1,8 @@
 """One parameter set per store: a second set is refused, --replace starts again, readers take one set."""
 import csv
+import io
 import json
+import os
 
 import h5py
 import pytest
@@ -113,8 +115,21 @@ def test_api_refuses_a_second_set(sample_dir, default_store, tmp_path):
     assert all(r.get("skipped") for r in again)
 
 
+def unsealed(entry):
+    """Rewrite a store entry as versions before issue 15 wrote it: the same HDF5 content, no seal (user block)."""
+    source = io.BytesIO(entry.read_bytes())
+    temporary = entry.with_name(entry.name + ".unsealed")
+    with h5py.File(source, "r") as old, h5py.File(temporary, "w") as new:
+        for key, value in old.attrs.items():
+            new.attrs[key] = value
+        for name in old:
+            old.copy(old[name], new, name=name)
+    os.replace(temporary, entry)
+    return entry
+
+
 def _legacy_copy(store, target, duplicate_as=None):
-    """``store`` as an older version wrote it: no parameters.json, no parameter_set attributes.
+    """``store`` as an older version wrote it: no parameters.json, no parameter_set attributes, no seal.
 
     ``duplicate_as``: also a second entry of each file under that parameter hash (two sets mixed).
     """
@@ -123,6 +138,7 @@ def _legacy_copy(store, target, duplicate_as=None):
     shutil.copytree(store, target)
     (target / "parameters.json").unlink()
     for entry in ResultStore(target).entries():
+        unsealed(entry)  # older versions wrote no seal (and their entries are read unverified)
         with h5py.File(entry, "a") as h5:
             del h5.attrs["parameter_set"]
         if duplicate_as:

@@ -6,14 +6,29 @@ local worker processes, or on a Dask ``distributed`` cluster; the driver
 alone writes the results store, as results arrive, so a crash loses only
 the samples in flight. Results come back in input order whatever the
 number of workers.
+
+Faults: the driver holds the store's writer lock for the whole run (a
+second run into the same store waits ``lock_timeout`` seconds, then is
+refused); a damaged entry found in the store is moved aside and its sample
+analysed again; a sample whose entry, figure or GatingML cannot be written
+(full disk, any ``OSError``) keeps its counts, says so in
+``store_error``/``output_errors`` and the run goes on; local workers exit
+when the driver dies (killed, even by SIGKILL), so nothing is left running.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
+import secrets
+import shutil
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -21,8 +36,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from cytometry.analysis import AnalysisOptions, CarReferences, analyze_file, export_gating, reviewed_gates_of
-from cytometry.batch.store import (REPORT_EVENTS, REVIEWED_MARK, ResultStore, event_sample, gatingml_bytes,
-                                   parameter_set_hash, params_hash)
+from cytometry.batch.store import (REPORT_EVENTS, REVIEWED_MARK, DamagedEntry, ResultStore, StoreWriteError,
+                                   event_sample, gatingml_bytes, parameter_set_hash, params_hash)
 from cytometry.loading.fcs import file_sha256
 from cytometry.loading.manifest import check_manifest
 from cytometry.outputs.formatting import safe_name
@@ -47,22 +62,57 @@ def write_artifacts(gated, result, plots_dir=None, gatingml_dir=None):
     """Gating figure and GatingML for one sample; a failure is a flag, not a lost result.
 
     File names come from the FCS file's name on disk, never from keywords.
+    Each file is written under a temporary name and renamed into place, so
+    a full disk leaves no half-written figure or GatingML; what could not be
+    written is listed in ``result["output_errors"]`` (one line each) and
+    flagged.
     """
 
     path = gated.sample.path
-    try:
-        if plots_dir:
-
-            result["gating_figure"] = str(save_gating_figure(gated, plots_dir))
-        if gatingml_dir:
-            out_dir = Path(gatingml_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            target = out_dir / f"{safe_name(Path(path).stem)}.gating.xml"
+    if plots_dir:
+        try:
+            figure = _save_atomically(plots_dir, lambda folder: save_gating_figure(gated, folder))
+            result["gating_figure"] = str(figure)
+        except Exception as exc:  # the counts stand; say what could not be written
+            _output_failed(result, "gating figure", plots_dir, exc)
+    if gatingml_dir:
+        def write_gatingml(folder):
+            target = Path(folder) / f"{safe_name(Path(path).stem)}.gating.xml"
             with open(target, "wb") as fh:
                 export_gating(gated, fh)
-            result["gatingml"] = str(target)
-    except Exception as exc:  # the counts stand; say what could not be written
-        result["qc_flags"].append(f"output: could not write figure/GatingML ({type(exc).__name__}: {exc})")
+            return target
+        try:
+            result["gatingml"] = str(_save_atomically(gatingml_dir, write_gatingml))
+        except Exception as exc:
+            _output_failed(result, "GatingML", gatingml_dir, exc)
+
+
+def _save_atomically(out_dir, save):
+    """Run ``save(folder)`` in a private folder inside ``out_dir``, then rename its one file into ``out_dir``.
+
+    ``save`` chooses the file's name; whatever goes wrong, the private
+    folder and anything half-written in it are removed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / f".tmp-{secrets.token_hex(4)}-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        written = Path(save(scratch))
+        target = out_dir / written.name
+        with open(written, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(written, target)
+        return target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _output_failed(result, what, folder, exc):
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    line = f"{what} not written to {folder} ({reason})"
+    result.setdefault("output_errors", []).append(line)
+    result["qc_flags"].append(f"output: {line}")
 
 
 def analyze_one(path, row, manifest, options, keep=False, keep_events=False, plots_dir=None, gatingml_dir=None,
@@ -199,7 +249,7 @@ def _file_key(path):
 
 def run_batch(files, manifest=None, options=None, *, store=None, workers=1, scheduler=None, progress=None,
               keep_events=False, on_result=None, plots_dir=None, gatingml_dir=None, raise_errors=False,
-              replace=False, allow_unlisted=False, gates=None, gate_map=None):
+              replace=False, allow_unlisted=False, gates=None, gate_map=None, lock_timeout=0.0, on_notice=None):
     """Analyse ``files``; with a ``store``, skip what is done and write the rest as it finishes.
 
     The manifest is checked first (:func:`cytometry.loading.manifest.check_manifest`):
@@ -240,6 +290,12 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         columns. The store keeps the automatic entry beside the reviewed one
         (:func:`reviewed_params`); a file whose reviewed gates cannot be used
         is an error result, and its automatic entry is still written.
+    lock_timeout : float
+        Seconds to wait for another run holding the store's writer lock
+        (:meth:`cytometry.batch.store.ResultStore.lock`) before refusing.
+    on_notice : callable, optional
+        Called with a one-line message for each damaged entry found (moved
+        aside; its sample is analysed again). Default: a logged warning.
 
     Raises
     ------
@@ -247,12 +303,18 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         Every problem of the manifest, in one message.
     cytometry.batch.store.ParameterSetMismatch
         The store holds results of other parameters (one line).
+    cytometry.batch.store.StoreLocked
+        Another run holds the store (one line).
+    cytometry.batch.store.StoreWriteError
+        The store's parameter-set record cannot be written (one line).
 
     Returns
     -------
     list of dict
         One result per file, in the order of ``files``; skipped samples
-        come from the store (with ``"skipped": true``).
+        come from the store (with ``"skipped": true``). A result whose
+        entry could not be written has ``store_error`` (one line); one
+        whose figure or GatingML could not be written, ``output_errors``.
 
     Examples
     --------
@@ -273,6 +335,15 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
         check_manifest(manifest, files, options=options, allow_unlisted=allow_unlisted)
     if store is not None and not isinstance(store, ResultStore):
         store = ResultStore(store)
+    with store.writer(lock_timeout) if store is not None else contextlib.nullcontext():
+        return _run_batch(files, manifest, options, store, workers, scheduler, progress, keep_events, on_result,
+                          plots_dir, gatingml_dir, raise_errors, replace, on_notice, gates, gate_map)
+
+
+def _run_batch(files, manifest, options, store, workers, scheduler, progress, keep_events, on_result, plots_dir,
+               gatingml_dir, raise_errors, replace, on_notice, gates, gate_map):
+    """:func:`run_batch` once the store (when there is one) is this process's to write."""
+    notice = on_notice or logger.warning
     references = CarReferences(manifest, options)
     rows = [manifest.lookup(path) if manifest is not None else None for path in files]
     results = [None] * len(files)
@@ -292,7 +363,12 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
             key = keys[index]
             entry = done.get(f"{key[0]}-{key[1]}")
             if entry is not None:
-                result = store.results_for(entry)
+                try:
+                    result = store.results_for(entry)
+                except DamagedEntry as exc:  # moved aside: analysed again below, never a run that aborts
+                    notice(f"{exc}; {Path(files[index]).name} is analysed again")
+                    pending.append(index)
+                    continue
                 result["skipped"] = True
                 results[index] = result
                 continue
@@ -310,16 +386,20 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
             extras = extras or {}
             automatic = extras.get("automatic") or (
                 (result["automatic_result"], {}) if result.get("automatic_result") else None)
-            if len(keys[index]) > 2 and automatic is not None:
-                # The automatic result, beside the reviewed one: neither overwrites the other.
-                auto_result, auto_extras = automatic
-                store.write(auto_result, keys[index][2], masks=auto_extras.get("masks"),
-                            gatingml=auto_extras.get("gatingml"), keywords=auto_extras.get("keywords"),
-                            events=auto_extras.get("events"), parameter_set=parameter_set)
-            if not result.get("automatic_result"):  # a reviewed file that failed leaves only the automatic entry
-                store.write(result, keys[index][1], masks=extras.get("masks"), gatingml=extras.get("gatingml"),
-                            keywords=extras.get("keywords"), events=extras.get("events"),
-                            parameter_set=parameter_set)
+            try:
+                if len(keys[index]) > 2 and automatic is not None:
+                    # The automatic result, beside the reviewed one: neither overwrites the other.
+                    auto_result, auto_extras = automatic
+                    store.write(auto_result, keys[index][2], masks=auto_extras.get("masks"),
+                                gatingml=auto_extras.get("gatingml"), keywords=auto_extras.get("keywords"),
+                                events=auto_extras.get("events"), parameter_set=parameter_set)
+                if not result.get("automatic_result"):  # a reviewed file that failed leaves only the automatic entry
+                    store.write(result, keys[index][1], masks=extras.get("masks"), gatingml=extras.get("gatingml"),
+                                keywords=extras.get("keywords"), events=extras.get("events"),
+                                parameter_set=parameter_set)
+            except StoreWriteError as exc:  # the counts stand; the next run analyses it again
+                result["store_error"] = f"{exc}; analysed again on the next run"
+                result["qc_flags"].append(f"store: not stored ({exc.strerror or exc})")
         results[index] = result
         if on_result is not None:
             on_result(result)
@@ -341,13 +421,53 @@ def run_batch(files, manifest=None, options=None, *, store=None, workers=1, sche
     return results
 
 
-def _single_threaded():
-    """Worker initialiser: one BLAS/OpenMP thread per process, so N workers use N cores, not N²."""
+def _worker_init(driver, deathsig):
+    """Worker initialiser: one BLAS/OpenMP thread per process, and exit when the driver dies.
+
+    One thread per process, so N workers use N cores, not N². A worker
+    whose driver is gone can deliver its result nowhere, and nothing else
+    would ever stop it (it waits on its task queue for good): on Linux the
+    kernel kills it with the driver (``PR_SET_PDEATHSIG``, asked for only
+    when the pool was started from the main thread: the signal follows the
+    thread that started the worker); everywhere, a watchdog thread polls
+    for the driver and exits the process within half a second of its death.
+    """
     threadpool_limits(1)
+    if deathsig and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog still ends it
+    parent = os.getppid()
+    threading.Thread(target=_watch_driver, args=(driver, parent), name="driver-watchdog", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+_WATCH_INTERVAL_S = 0.5
+
+
+def _watch_driver(driver, parent):
+    # Re-parented (the parent died), or the driver gone (a forkserver parent outlives it briefly).
+    while True:
+        if os.getppid() != parent or not _alive(driver):
+            os._exit(1)
+        time.sleep(_WATCH_INTERVAL_S)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _run_local(workers, files, rows, manifest, options, extra, pending, finish, reviewed=None):
-    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded) as pool:
+    deathsig = threading.current_thread() is threading.main_thread()
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
+                             initargs=(os.getpid(), deathsig)) as pool:
         futures = {pool.submit(analyze_one, files[i], rows[i], manifest, options, *extra, **(reviewed or {})): i
                    for i in pending}
         for future in as_completed(futures):

@@ -1,9 +1,11 @@
 """The ``cytometry`` command.
 
 Exit codes: 0 every sample ok, 1 some sample failed (the others are still
-reported), 2 usage error (including a manifest with problems, all listed in
-one message before anything is analysed, and a run whose parameters differ
-from its store's). Errors are one line on stderr naming the file; a
+reported) or could not be stored or read back (a damaged store entry, a
+full disk: one line each on stderr), 2 usage error (including a manifest
+with problems, all listed in one message before anything is analysed, a
+run whose parameters differ from its store's, and a store another run
+holds). Errors are one line on stderr naming the file; a
 traceback only with ``--debug``. Text from files, file names and the
 manifest is printed through :func:`cytometry.outputs.formatting.printable`:
 control and bidi characters appear as visible escapes (``\\x1b``,
@@ -26,7 +28,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from cytometry._version import __version__
 from cytometry.analysis import AnalysisOptions
 from cytometry.batch.run import default_workers, run_batch
-from cytometry.batch.store import ResultStore, StoreError, is_reviewed_entry
+from cytometry.batch.store import ResultStore, StoreError, StoreWriteError, is_reviewed_entry
 from cytometry.decisions.subjects import (ELIGIBILITY_COLUMNS, PERSISTENCE_COLUMNS, AplasiaRule, crosscheck_text,
                                           persistence, persistence_csv_rows, save_kinetics_figure, screening_decisions,
                                           write_csv)
@@ -155,6 +157,13 @@ def _analyse_run(args):
     def report_error(result):
         if result["status"] == "error":
             print(printable(f"error: {result['file']}: {result['error']}"), file=sys.stderr)
+        if result.get("store_error"):
+            print(printable(f"error: {result['file']}: not stored: {result['store_error']}"), file=sys.stderr)
+        for line in result.get("output_errors") or ():
+            print(printable(f"error: {result['file']}: {line}"), file=sys.stderr)
+
+    def notice(line):  # a damaged entry moved aside (its sample is analysed again in this run)
+        print(printable(f"warning: {line}"), file=sys.stderr)
 
     logger.info("%d FCS files to analyse%s", len(files), f" with {args.manifest}" if manifest else "")
     try:
@@ -166,17 +175,25 @@ def _analyse_run(args):
                             gatingml_dir=getattr(args, "gatingml", None),
                             raise_errors=args.debug, on_result=report_error,
                             replace=getattr(args, "replace", False), allow_unlisted=allow_unlisted,
-                            gates=gates, gate_map=gate_map)
+                            gates=gates, gate_map=gate_map,
+                            lock_timeout=getattr(args, "lock_timeout", 0.0), on_notice=notice)
     except (ManifestError, StoreError) as exc:
         raise UsageError(str(exc)) from None
+    except StoreWriteError as exc:  # e.g. parameters.json on a full disk: nothing can be stored
+        raise _Failed(str(exc)) from None
     for result in results:  # samples already in the store are reported too
         if result.get("skipped"):
             report_error(result)
     return results
 
 
+class _Failed(Exception):
+    """The command could not do its work (exit code 1, one line)."""
+
+
 def _exit_code(results):
-    return EXIT_SAMPLE_FAILED if any(r["status"] == "error" for r in results) else EXIT_OK
+    failed = any(r["status"] == "error" or r.get("store_error") or r.get("output_errors") for r in results)
+    return EXIT_SAMPLE_FAILED if failed else EXIT_OK
 
 
 SAMPLE_COLUMNS = [
@@ -220,7 +237,9 @@ def cmd_analyze(args):
     else:
         print(_format_table(results))
         failed = sum(r["status"] == "error" for r in results)
-        print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed")
+        unstored = sum(bool(r.get("store_error")) for r in results)
+        also = f", {unstored} not stored" if unstored else ""
+        print(f"\n{len(results)} samples, {len(results) - failed} ok, {failed} failed{also}")
     return _exit_code(results)
 
 
@@ -245,14 +264,19 @@ def _store_results(path, args=None):
         raise UsageError(str(exc)) from None
     if args is not None:
         args.parameter_set = name
+    unreadable = [r for r in results if r.get("store_damaged")]
     if not getattr(args, "quiet", False):
-        print(printable(f"{path}: parameter set {name}, {len(results)} samples"), file=sys.stderr)
+        also = f", {len(unreadable)} unreadable" if unreadable else ""
+        print(printable(f"{path}: parameter set {name}, {len(results) - len(unreadable)} samples{also}"),
+              file=sys.stderr)
+    for result in results:  # what could not be read (or was not analysed) is named, never silently left out
+        if result.get("status") == "error":
+            print(printable(f"error: {result['file']}: {result['error']}"), file=sys.stderr)
     return results
 
 
 def cmd_gates(args):
     """Write the stored automatic gates of one sample as GatingML 2.0, for a reviewer to correct."""
-
     if not (Path(args.store) / "samples").is_dir():
         raise UsageError(f"{args.store}: not a results store (no samples/ folder)")
     store = ResultStore(args.store)
@@ -287,11 +311,13 @@ def cmd_gates(args):
 
 
 def cmd_report(args):
-    if not _store_results(args.store, args):  # a clear error for a path that is not a store
+    results = _store_results(args.store, args)  # a clear error for a path that is not a store
+    if not results:
         raise UsageError(f"{args.store}: the results store holds no samples; nothing to report")
     target = write_report(args.store, args.out, thumbnails=not args.no_thumbnails)
     print(f"report written to {target}")
-    return EXIT_OK
+    # Damaged entries are in the report as errors, and named on stderr above.
+    return EXIT_SAMPLE_FAILED if any(r.get("store_damaged") for r in results) else EXIT_OK
 
 
 def _document(args, document):
@@ -302,13 +328,22 @@ def _document(args, document):
     return document
 
 
+def _unreadable(args, results, document):
+    """Name the store entries that could not be read in a subject command's JSON document."""
+    unreadable = [{"store_entry": r.get("store_entry"), "file": r["file"], "error": r["error"]}
+                  for r in results if r.get("store_damaged")]
+    if unreadable:
+        document["unreadable"] = unreadable
+    return document
+
+
 def cmd_eligibility(args):
     results = _subject_results(args)
     rows = screening_decisions(results)
     if args.csv:
         write_csv(args.csv, ELIGIBILITY_COLUMNS, rows)
     if args.json:
-        json.dump(_document(args, {"subjects": rows}), sys.stdout, indent=2)
+        json.dump(_unreadable(args, results, _document(args, {"subjects": rows})), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(f"{'subject':10s} {'verdict':14s} {'B cells/uL [95% CI]':26s} {'events':>6s}  deciding tube")
@@ -342,7 +377,7 @@ def cmd_persistence(args):
     if args.csv:
         write_csv(args.csv, PERSISTENCE_COLUMNS, persistence_csv_rows(subjects))
     if args.json:
-        json.dump(_document(args, {"subjects": subjects}), sys.stdout, indent=2)
+        json.dump(_unreadable(args, results, _document(args, {"subjects": subjects})), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return code
     for subject in subjects:
@@ -563,6 +598,9 @@ def build_parser():
     analyze.add_argument("--out", metavar="STORE", help="results store folder: one HDF5 file per sample, written "
                                                          "atomically; a re-run skips what is done")
     analyze.add_argument("--store-events", action="store_true", help="also keep the transformed events in the store")
+    analyze.add_argument("--lock-timeout", type=float, default=10.0, metavar="SECONDS",
+                         help="wait this long for another run writing --out STORE to finish, then refuse "
+                              "(one writer per store)")
     analyze.add_argument("--replace", action="store_true",
                          help="discard the results already in --out STORE and analyse again (needed when this "
                               "run's parameters differ from the store's: a store holds one parameter set)")
@@ -641,6 +679,9 @@ def main(argv=None):
         # A usage error may list one problem a line (a manifest's): each line escaped, the lines kept.
         print("\n".join(printable(line) for line in f"cytometry: error: {exc}".splitlines()), file=sys.stderr)
         return EXIT_USAGE
+    except _Failed as exc:
+        print(f"cytometry: error: {exc}", file=sys.stderr)
+        return EXIT_SAMPLE_FAILED
     except KeyboardInterrupt:
         print("cytometry: interrupted", file=sys.stderr)
         return 130
