@@ -346,8 +346,6 @@ def _extrapolate_positives(descending, cut, excess):
 #: quantiles) on which the convolved positives are evaluated: enough for a
 #: share to ~0.3 %, few enough to fit in milliseconds; deterministic.
 CONVOLUTION_POINTS = 400
-#: Counting cuts tried, each leaving twice the reference's share of the one before.
-CUT_CANDIDATES = 1
 SIGNAL_POINTS = 64
 
 
@@ -358,7 +356,7 @@ def _even_subsample(ascending, size):
     return ascending[np.round(np.linspace(0, ascending.size - 1, size)).astype(int)]
 
 
-def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, replicates=1):
+def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, replicates=1, fit_cut=None):
     """Scale the ``excess`` positives above ``cut`` to all positives: the negatives' spread plus a signal.
 
     A CAR+ cell is measured with everything that spreads a negative cell's
@@ -380,7 +378,10 @@ def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, 
 
     ``scale`` is ``(forward, inverse)``: the display transform and its
     inverse (linear units); ``replicates``: noise replicates per event in
-    ``descending`` (the likelihood counts each event once). Returns
+    ``descending`` (the likelihood counts each event once). ``fit_cut``:
+    fit the level to all events above this higher cut instead (truncated
+    there: above it the negatives are too few to bend the shape), and
+    still scale the excess by the share above ``cut``. Returns
     ``(share_above, centre, σ_display,
     share_sd, positives)``, centre and σ_display the modelled positives'
     median and lower-flank spread on the display scale.
@@ -401,8 +402,11 @@ def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, 
     from scipy.special import ndtr, ndtri
 
     forward, inverse = scale
-    bright = descending[:max(int(round(excess)), 2)]
-    bright = bright[bright >= cut]
+    if fit_cut is None:
+        bright = descending[:max(int(round(excess)), 2)]
+        bright = bright[bright >= cut]
+    else:
+        bright = descending[descending >= fit_cut]
     weight = bright.size / max(min(bright.size, CONVOLUTION_POINTS), 1) / replicates
     y = inverse(_even_subsample(bright[::-1], CONVOLUTION_POINTS))
     negatives = inverse(_even_subsample(reference_ascending, CONVOLUTION_POINTS))
@@ -410,17 +414,24 @@ def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, 
     # signal's level, lognormal, includes the cell's own autofluorescence.
     negatives = negatives - float(np.median(negatives))
     cut_linear = float(inverse(np.array([cut]))[0])
+    truncation = cut_linear if fit_cut is None else float(inverse(np.array([fit_cut]))[0])
     negative_median = 0.0
     difference = y[:, None] - negatives[None, :]
     inside = difference > 0
     log_difference = np.log(np.where(inside, difference, 1.0))
-    headroom = cut_linear - negatives
-    log_headroom = np.log(np.where(headroom > 0, headroom, 1.0))
     mu_floor = float(np.log(max(cut_linear - negative_median, 1e-3)))
 
-    def share(mu, log_sd):
-        z = (log_headroom - mu) / np.exp(log_sd)
-        return float(np.mean(np.where(headroom > 0, 1.0 - ndtr(z), 1.0)))
+    def share_above_of(level):
+        headroom = level - negatives
+        log_headroom = np.log(np.where(headroom > 0, headroom, 1.0))
+
+        def share(mu, log_sd):
+            z = (log_headroom - mu) / np.exp(log_sd)
+            return float(np.mean(np.where(headroom > 0, 1.0 - ndtr(z), 1.0)))
+        return share
+
+    share = share_above_of(cut_linear)
+    truncated_share = share if fit_cut is None else share_above_of(truncation)
 
     def negative_log_likelihood(parameters):
         mu, log_sd = parameters
@@ -428,7 +439,7 @@ def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, 
         z = (log_difference - mu) / sd
         density = np.where(inside, np.exp(-0.5 * z * z - log_difference), 0.0).mean(axis=1) / (sd * np.sqrt(2 * np.pi))
         return weight * float(-np.sum(np.log(np.maximum(density, 1e-300)))) + \
-            bright.size / replicates * np.log(max(share(mu, log_sd), 1e-300))
+            bright.size / replicates * np.log(max(truncated_share(mu, log_sd), 1e-300))
 
     start_signal = np.maximum(y - negative_median, 1.0)
     start = [max(float(np.median(np.log(start_signal))), mu_floor),
@@ -555,10 +566,6 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
     reference = np.asarray(reference, dtype=np.float64)
     n = values.size
     base_tail_events = max(int(round(tail * reference.size)), min_tail_events * replicates)
-    # Lower cuts, each leaving twice the reference's share above it of the
-    # one before (up to CUT_CANDIDATES of them and a fifth of the reference).
-    candidates = sorted({min(base_tail_events * 2 ** j, max(reference.size // 5, base_tail_events))
-                         for j in range(CUT_CANDIDATES)})
     reference_descending = np.sort(reference)[::-1]
     probabilities = np.linspace(0.30, 0.95, 14)
     reference_quantiles = np.quantile(reference, probabilities)
@@ -579,8 +586,17 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
             if scale is None:
                 share_above, center, spread, share_sd, positives = _extrapolate_positives(descending, cut, excess)
             else:
+                # The shape from the events where fewer than one negative is
+                # expected (above the reference's j-th largest, j = its size
+                # over the negatives'), when there are enough of them: the
+                # negatives just above the counting cut, more or fewer than
+                # expected, then do not bend it.
+                j = int((reference.size + 1) // max((1.0 - fraction) * n, 1.0))
+                fit_cut = float(reference_descending[max(j, 1) - 1]) + shift
+                clean = int(n - np.searchsorted(ascending, fit_cut, side="left"))
                 share_above, center, spread, share_sd, positives = _extrapolate_convolved(
-                    descending, cut, excess, reference_descending[::-1] + shift, scale, sample_replicates)
+                    descending, cut, excess, reference_descending[::-1] + shift, scale, sample_replicates,
+                    fit_cut=fit_cut if clean >= min_shape_events * sample_replicates else None)
         # in the tube's own events (values may hold noise replicates)
         own_positives, own_negatives = positives / sample_replicates, expected_negatives / sample_replicates
         background = own_negatives + own_negatives ** 2 / (tail_events / replicates)
@@ -597,17 +613,11 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
     for _ in range(iterations):
         shift = float(np.median(_negative_quantiles(ascending, probabilities, fraction, center, spread)
                                 - reference_quantiles)) if align else 0.0
-        base = at_cut(base_tail_events, shift, fraction)
-        chosen = base
-        if base["excess"] >= min_shape_events * sample_replicates:
-            # With a shape to extrapolate, the cut whose estimate has the
-            # smallest total error: lower cuts take more negatives (and the
-            # reference's error on them), higher ones extrapolate more.
-            for tail_events in candidates[1:]:
-                candidate = at_cut(tail_events, shift, fraction)
-                if candidate["excess"] >= min_shape_events * sample_replicates and \
-                        candidate["variance"] < chosen["variance"]:
-                    chosen = candidate
+        # (Lower cuts, where the reference's tail rests on more events, were
+        # tried and read worse: the reference's tail shape differs from the
+        # follow-up's by more than its sampling error once a few % of the
+        # negatives lie above the cut.)
+        chosen = base = at_cut(base_tail_events, shift, fraction)
         positives, center, spread = chosen["positives"], chosen["center"], chosen["spread"]
         fraction = min(positives / n, 0.99)
     r = float(sample_replicates)
@@ -622,7 +632,7 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
             "expected_negatives_above_cut": round(chosen["expected_negatives"] / r, 2),
             "reference_tail_events": round(chosen["tail_events"] / replicates, 2),
             "reference_tail_share": round(chosen["tail_events"] / reference.size, 5),
-            # the highest cut's background: what the tube's LOD/LLOQ rest on
+            # the counting cut's background: what the tube's LOD/LLOQ rest on
             "limit_expected_negatives": round(base["expected_negatives"] / r, 2),
             "limit_reference_tail_events": round(base["tail_events"] / replicates, 2),
             "positive_share_above_cut": round(chosen["share_above"], 4), "positive_events": round(positives, 2),
