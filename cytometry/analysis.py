@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from cytometry._version import __version__
-from cytometry.counts import (DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, bead_count, detection_limits,
+from cytometry.counts import (DEFAULT_LLOQ_EVENTS, DEFAULT_LOD_EVENTS, LLOQ_CV, bead_count, detection_limits,
                               dual_platform_count, volumetric_count)
 from cytometry.decisions.eligibility import EligibilityRule, decide
 from cytometry.decisions.qc import QcRules, run_checks, saturated_events
@@ -186,8 +186,10 @@ def _limits(gating, population, options):
     gate = next((g for g in gating.gates if g.name == population), None)
     background, variance = 0.0, 0.0
     if gate is not None and gate.extra.get("expected_negatives_above_cut") is not None:
-        background = float(gate.extra["expected_negatives_above_cut"])
-        tail = float(gate.extra.get("reference_tail_events") or 0.0)
+        # The highest counting cut's background where the count chose a lower one
+        # (a lower cut serves a large population; the limits are about small ones).
+        background = float(gate.extra.get("limit_expected_negatives", gate.extra["expected_negatives_above_cut"]))
+        tail = float(gate.extra.get("limit_reference_tail_events", gate.extra.get("reference_tail_events")) or 0.0)
         variance = background + (background ** 2 / tail if tail > 0 else 0.0)
     return detection_limits(background, variance, lod_events=options.lod_events, lloq_events=options.lloq_events)
 
@@ -831,6 +833,18 @@ def _count(gated, row, options, result, screening):
     for name, count in counts.items():
         lod, lloq = limits[name]
         counts[name] = replace(count, below_lloq=bool(count.events < lloq))
+        own_sd = _gate_count_sd(gating, name) if name == "car_t" else 0.0
+        cv = float(np.sqrt(count.events + own_sd ** 2) / count.events) if count.events else float("inf")
+        if name == "car_t" and own_sd and not counts[name].below_lloq and cv > LLOQ_CV:
+            # The LLOQ is where a count's CV reaches 20 %: a count above it in
+            # events whose own uncertainty (extrapolation below the cut, the
+            # reference's normalisation, the background) is larger than that
+            # is not quantifiable either.
+            counts[name] = replace(counts[name], below_lloq=True)
+            flags.append(Flag(name, "below_lloq", "info",
+                              f"{count.events} events >= LLOQ of {lloq:.0f}, but this count's CV is {cv:.0%} "
+                              f"(> {LLOQ_CV:.0%}: its estimate's own uncertainty, {own_sd:.0f} events SD): < LLOQ"))
+            continue
         if counts[name].below_lloq and name in ("b_cells", "car_t"):
             detected = "not detected, " if count.events < lod else ""
             flags.append(Flag(name, "below_lloq", "info", f"{count.events} events < LLOQ of {lloq:.0f} "

@@ -21,6 +21,8 @@ from cytometry.outputs.formatting import count_text
 
 #: Fewer events than this and a count is "below LLOQ" (CV ≈ 1/√25 = 20%).
 DEFAULT_LLOQ_EVENTS = 25
+#: The CV a count may have at the LLOQ (the usual bioanalytical acceptance).
+LLOQ_CV = 0.20
 
 
 def clopper_pearson(successes, trials, confidence=0.95):
@@ -285,7 +287,7 @@ def _dual_platform_count_times(cell_events, lymphocyte_events, lymphocytes_per_u
 
 
 def detection_limits(background_events=0.0, background_variance=None, *, lod_events=DEFAULT_LOD_EVENTS,
-                     lloq_events=DEFAULT_LLOQ_EVENTS, lloq_cv=0.20):
+                     lloq_events=DEFAULT_LLOQ_EVENTS, lloq_cv=LLOQ_CV):
     """A tube's limits of detection and quantification, in events.
 
     Where a population is counted net of a background (CAR+ events above a

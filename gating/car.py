@@ -27,10 +27,13 @@ compensated units:
    negatives as CAR+ (false persistence). The follow-up negatives' lower
    flank (free of CAR+ cells) measures their real spread; where it is wider
    than the mapped reference's by more than sampling noise, Gaussian noise
-   making up the difference is added (as fixed normal quantiles, so the
-   result is deterministic). A mapped reference that is wider than the
-   follow-up is left as it is: it over-states the negatives' tail, which
-   can only under-count.
+   making up the difference is added (stratified normal values, so the
+   result is deterministic). A mapped reference that is *wider* than the
+   follow-up's negatives (a reference acquired at a lower gain: its
+   electronic noise scaled up with it) over-states the negatives above any
+   cut and under-counts; noise cannot be taken out of its events, so the
+   follow-up tube's events are given the Gaussian noise they lack instead
+   (``sample_noise_sd``), and the count stays in the tube's own events.
 4. **Uncertainty.** Where both anchors are usable the count is also made
    with the other anchor's ratio; half the difference is added to the
    count's standard deviation, and a difference beyond the count's own
@@ -61,8 +64,8 @@ FLANK_SPREAD_SE = 1.49
 #: The asymptotic SD of a normal sample's 2.3 % quantile is about 2.76 σ/√n
 #: (√(p(1 − p)) / φ(2)).
 DEEP_TAIL_SE = 2.76
-#: Noise replicates per reference event when noise is added (fixed normal
-#: quantiles: enough that the tail is smooth, deterministic).
+#: Noise replicates per event when noise is added (stratified normal values,
+#: :func:`normal_replicates`: enough that the tail is smooth, deterministic).
 NOISE_REPLICATES = 8
 #: Fewest beads whose median can serve as a fluorescence standard (their
 #: median's relative error is then below ~1.3 CV/√25, a fraction of a per cent).
@@ -70,6 +73,25 @@ MIN_ANCHOR_BEADS = 25
 #: A bead population with more than this share of events in the top 10 % of
 #: the channel's range is at the detector's ceiling: its median is not a gain.
 SATURATED_SHARE = 0.01
+
+
+def normal_replicates(n, replicates=NOISE_REPLICATES):
+    """``n`` rows of ``replicates`` standard normal values: stratified, deterministic, with full tails.
+
+    Row ``i`` holds the normal quantiles at ``(j + u_i) / replicates``,
+    ``u_i`` the golden-ratio sequence: each row covers every stratum once,
+    and across rows the strata are filled evenly out to the extreme tails
+    (fixed mid-stratum quantiles would stop at ±1.5 SD with 8 replicates,
+    and noise without tails under-states the negatives above a cut).
+
+    Examples
+    --------
+    >>> z = normal_replicates(5000)
+    >>> z.shape, bool(abs(z.std() - 1) < 0.01), bool(z.max() > 3.5)
+    ((5000, 8), True, True)
+    """
+    offsets = np.modf((np.arange(n) + 1) * 0.6180339887498949)[0]
+    return ndtri((np.arange(replicates)[None, :] + offsets[:, None]) / replicates)
 
 
 def _median_and_flank(values):
@@ -194,7 +216,13 @@ def normalise_reference(reference, ratio, negatives, negative_events, top, stret
     changed differently, heavier-tailed than Gaussian): of the pairs that
     match the lower flank, the one that also matches the lower tail (the
     2.3 % quantile) is used. Both are read on the lower side, where no
-    CAR+ cell is, and applied to both sides.
+    CAR+ cell is, and applied to both sides; the noise is solved for
+    numerically (the flank of a sum of non-Gaussian parts is not their
+    quadrature sum). Where the mapped reference is instead wider than the
+    follow-up's negatives by more than sampling noise, it is returned as
+    mapped and ``sample_noise_sd`` says how much Gaussian noise the
+    follow-up's events need to match it (added by
+    :func:`count_against_reference`).
 
     Parameters
     ----------
@@ -217,7 +245,8 @@ def normalise_reference(reference, ratio, negatives, negative_events, top, stret
     values : ndarray
         Normalised reference (logicle scale), ``replicates`` values per event.
     info : dict
-        ``added_noise_sd`` (linear units, 0 when none), ``stretch`` (λ used),
+        ``added_noise_sd`` (linear units, 0 when none), ``sample_noise_sd``
+        (noise for the follow-up's events, linear units, 0 when none), ``stretch`` (λ used),
         ``best_stretch`` (the λ matching the lower tail best, used only when
         its match is significantly better than λ = 1) and ``replicates``.
 
@@ -236,14 +265,44 @@ def normalise_reference(reference, ratio, negatives, negative_events, top, stret
     deviations = ratio * (reference.t_cells - reference_median)
     mapped_flank = ratio * reference_flank
     tolerance = FLANK_SPREAD_SE * np.sqrt(1.0 / max(negative_events, 1.0) + 1.0 / max(len(reference), 1))
-    info = {"added_noise_sd": 0.0, "stretch": 1.0, "best_stretch": 1.0, "replicates": 1}
+    info = {"added_noise_sd": 0.0, "stretch": 1.0, "best_stretch": 1.0, "replicates": 1, "sample_noise_sd": 0.0}
+    if flank < mapped_flank * (1.0 - 2.0 * tolerance):
+        # Wider than the follow-up's negatives beyond sampling noise: the
+        # reference's electronic noise scaled up with a > 1 (or more
+        # spreading from detectors whose gains changed otherwise). Noise
+        # cannot be taken out of the reference's events, so the follow-up
+        # tube is given the noise it lacks instead (Gaussian, its lower
+        # flank matched to the mapped reference's): negatives and
+        # reference then agree, and the positives' dimmer side that the
+        # noise pushes below the cut is what the extrapolation models
+        # (count_against_reference).
+        info["sample_noise_sd"] = round(float(np.sqrt(mapped_flank ** 2 - flank ** 2)), 3)
+        return logicle(deviations + median, t=top), info
     if not flank > mapped_flank * (1.0 + 2.0 * tolerance):
         return logicle(deviations + median, t=top), info
-    z = ndtri((np.arange(NOISE_REPLICATES) + 0.5) / NOISE_REPLICATES)
+    z = normal_replicates(deviations.size)
+    # The noise is solved for on a subsample (the deviations' quantiles):
+    # the flank of a sum is not the quadrature sum of flanks when the
+    # negatives are not Gaussian.
+    picked = np.round(np.linspace(0, deviations.size - 1, min(deviations.size, 1000))).astype(int)
+    order = np.argsort(deviations)
+    sample, sample_z = deviations[order][picked], z[order][picked]
+
+    def noise_for(stretch):
+        low, high = 0.0, float(flank)
+        for _ in range(30):
+            middle = 0.5 * (low + high)
+            trial = (stretch * sample[:, None] + middle * sample_z).ravel()
+            q16, q50 = np.quantile(trial, [LOWER_FLANK, 0.5])
+            if q50 - q16 < flank:
+                low = middle
+            else:
+                high = middle
+        return 0.5 * (low + high)
 
     def made_up(stretch):
-        noise = float(np.sqrt(max(flank ** 2 - (stretch * mapped_flank) ** 2, 0.0)))
-        candidate = (stretch * deviations[:, None] + noise * z[None, :]).ravel()
+        noise = noise_for(stretch)
+        candidate = (stretch * deviations[:, None] + noise * z).ravel()
         mismatch = 0.0 if deep is None else abs(-float(np.quantile(candidate, DEEP_TAIL)) - deep)
         return mismatch, float(stretch), noise, candidate
 
@@ -275,8 +334,19 @@ def _count(values, reference, ratio, negatives, negative_events, top, stretch=No
     from .auto import reference_subtraction_count
 
     normalised, info = normalise_reference(reference, ratio, negatives, negative_events, top, stretch=stretch)
+    scale = (lambda v: logicle(np.asarray(v, dtype=np.float64), t=top),
+             lambda v: logicle_inverse(np.asarray(v, dtype=np.float64), t=top))
+    sample_replicates = 1
+    if info["sample_noise_sd"] > 0:
+        # The follow-up given the noise the wider reference has (fixed
+        # normal quantiles: deterministic); counts stay in its own events.
+        values = np.asarray(values, dtype=np.float64)
+        values = logicle((logicle_inverse(values, t=top)[:, None]
+                          + info["sample_noise_sd"] * normal_replicates(values.size)).ravel(), t=top)
+        sample_replicates = NOISE_REPLICATES
     positives, estimate = reference_subtraction_count(values, normalised, align=False, iterations=2,
-                                                      replicates=info["replicates"])
+                                                      replicates=info["replicates"], scale=scale,
+                                                      sample_replicates=sample_replicates)
     estimate.update(info)
     return positives, estimate
 

@@ -80,7 +80,42 @@ def test_noise_that_does_not_scale_with_gain_is_made_up():
     # the electronic noise, 65 x sqrt(1 - 0.5^2) ~ 56 units, is what scaling took away
     assert info["replicates"] > 1 and 35 < info["added_noise_sd"] < 80, info
     _, info = normalise_reference(_reference(rng, 0.5), 2.0, (median, flank), 5000, TOP)
-    assert info["added_noise_sd"] == 0.0       # a wider normalised reference is left alone (it can only under-count)
+    # a reference at half the gain, mapped up, carries twice the noise: the follow-up is given the
+    # difference instead (65 x sqrt(2^2 - 1) ~ 113 units), the reference is not touched
+    assert info["added_noise_sd"] == 0.0 and info["replicates"] == 1
+    assert 80 < info["sample_noise_sd"] < 150, info
+
+
+def test_a_wider_reference_no_longer_under_counts():
+    """A reference at half the follow-up's gain: mapped up, its noise is doubled and its tail too wide."""
+    rng = np.random.default_rng(21)
+    counts = []
+    for _ in range(4):
+        values, beads = _follow_up(rng, 150, 1.0, n_negative=20000)
+        positives, info = count_against_reference(values, _reference(rng, 0.5), beads, TOP)
+        assert info["sample_noise_sd"] > 0
+        counts.append(positives)
+    # 150 CAR+ among 20,000 negatives (0.75 %): no longer read low by the negatives the wide tail invents
+    assert abs(np.mean(counts) - 150) < 15, counts
+
+
+def test_positives_with_a_long_dim_side_are_extrapolated_through_the_negatives_spread():
+    """Spreading widens every cell's value, CAR+ cells' too: their dim side is the negatives' spread."""
+    from gating.auto import reference_subtraction_count
+    from gpu.logicle import logicle_inverse
+
+    rng = np.random.default_rng(8)
+    spread = lambda n: rng.normal(0.0, 300.0, n)           # wide compensated negatives (spillover spreading)
+    reference = logicle(160.0 + spread(6000), t=TOP)
+    values = logicle(np.concatenate([160.0 + spread(4000), 1800.0 * rng.lognormal(0.0, 0.8, 600) + spread(600)]),
+                     t=TOP)
+    scale = (lambda v: logicle(np.asarray(v, dtype=np.float64), t=TOP),
+             lambda v: logicle_inverse(np.asarray(v, dtype=np.float64), t=TOP))
+    convolved, info = reference_subtraction_count(values, reference, align=False, scale=scale)
+    gaussian, _ = reference_subtraction_count(values, reference, align=False)
+    assert info["positive_share_above_cut"] < 0.9                   # a good part of them lies below the cut
+    assert abs(convolved - 600) < 2.6 * np.sqrt(600 + info["count_sd"] ** 2), (convolved, info)
+    assert gaussian < convolved                 # a Gaussian on the display scale misses the dim side
 
 
 @pytest.mark.parametrize("n_positive", [100, 600, 3000])

@@ -101,6 +101,29 @@ def test_ambiguous_designs_are_refused():
         select_subjects(["nobody"])
 
 
+def test_the_truth_is_quantifiable_at_the_assays_own_lloq():
+    """Clast/Tlast as a sponsor reports them: the last value at or above the assay's LLOQ for that tube."""
+    from cytometry.simulation.cohort import DEFAULT_VOLUMES_UL, true_kinetics
+
+    persistence_spec = next(s for s in SUBJECTS if s.profile == "persistence")
+    # 0.75 cells/uL in 40 uL (~28 events among ~22,600 CAR-negative T cells): detected, not quantifiable
+    assert true_kinetics(persistence_spec)["tlast_day"] == 56
+    assert true_kinetics(persistence_spec, lloq_events=25)["tlast_day"] == 84   # the bare counting floor
+    # the pre-infusion reference is acquired deep enough that its tail rests on more than the 5-event floor
+    assert DEFAULT_VOLUMES_UL[0] * 180.0 * 0.94 > 5000
+
+
+def test_the_truths_lloq_is_the_one_the_analysis_reports(cohort):
+    """The truth's per-tube LLOQ, from known cells, and the analysis', from the tube: the same rule."""
+    ratios = []
+    for subject_id, t in cohort["truth"]["subjects"].items():
+        timeline = {p["study_day"]: p for p in cohort["measured"][subject_id]["timeline"]}
+        for visit in t["visits"]:
+            if visit["study_day"] > 0:
+                ratios.append(timeline[visit["study_day"]]["car_t"]["lloq"]["events"] / visit["car_t_lloq_events"])
+    assert 0.8 < min(ratios) and max(ratios) < 1.25, ratios
+
+
 def test_tbnk_tubes_are_not_kinetics_points(cohort):
     for subject_id, t in cohort["truth"]["subjects"].items():
         timeline = cohort["measured"][subject_id]["timeline"]

@@ -20,14 +20,28 @@ Subjects (:data:`SUBJECTS`)
     gradually), ongoing.
 ``persistence``
     Peak on day 10, then a long tail: 4 cells/uL on day 56 and ~1 cell/uL
-    (0.75) on day 84. At 20 uL of blood acquired, 0.75 cells/uL is ~14
-    singlet events, under the 25-event LLOQ: the right report is "< LLOQ,
-    detected", and Tlast is day 56.
+    (0.75) on day 84. At 40 uL of blood acquired, 0.75 cells/uL is ~28
+    singlet events among ~22,600 CAR-negative T cells (0.12 %): above the
+    LOD, under that tube's LLOQ (~65 events, 1.7 cells/uL, set by the
+    negatives expected above the counting cut): the right report is
+    "< LLOQ, detected", and Tlast is day 56.
 ``incomplete_aplasia``
     B cells dip to ~2.5 cells/uL but never below the 1 cell/uL aplasia
     threshold: no aplasia.
 ``recovery``
     Aplasia from day 4, B cells back above 1 cell/uL on day 56.
+
+Acquisition
+-----------
+:data:`DEFAULT_VOLUMES_UL`: 5-10 uL of blood around the peak, 20 uL on days
+21-28, and the pre-infusion reference and the late visits (days 56, 84)
+acquired deep - 40 uL, the whole 50 uL lyse-no-wash tube less its dead
+volume (~80,000-160,000 events), as high-sensitivity CAR-T monitoring does.
+An earlier version acquired 10-20 uL, so that the reference held ~1,700 T
+cells: its tail of 5 events then made each late tube's LLOQ 2.6-6.8
+cells/uL. Deeper still (the 1-5 million events of bulk-lysed
+high-sensitivity tubes) needs more blood than one bead-counting tube holds
+and a denominator counted elsewhere, which this cohort does not model.
 
 Every post-infusion visit after lymphodepletion has the same blood
 background (CAR-negative T, NK, monocytes, granulocytes: :data:`BACKGROUND`,
@@ -53,20 +67,29 @@ Clast/Tlast the last quantifiable value, aplasia = B cells < 1 cell/uL after
 day 0). A true value counts as quantifiable when its **expected** singlet
 events (concentration x blood volume acquired x singlet probability
 ``(1 - p) / (1 + p)`` of the simulator's coincidence rate ``p``) reach the
-LLOQ of 25 events - the rule the analysis applies to the observed events.
+tube's LLOQ - the rule the analysis applies to the observed events
+(:func:`tube_limits`: a CV of 20 % with the negatives expected above the
+counting cut, never under 25 events), evaluated on the expected
+CAR-negative T cells of the tube and of the subject's reference, so that
+the truth does not depend on any measurement. This is the sponsor's
+convention (Clast: the last concentration at or above the assay's LLOQ)
+with the assay's own LLOQ; ``kinetics_lloq_25`` is the same with the
+25-event counting floor in every tube (a diagnostic: no tube counted
+against a reference reaches it).
 
 ``kinetics_tube`` is the same computed from what a perfect gate would count
 in each tube (the simulator's singlet events over its singlet beads times
-beads per test / sample volume; below LLOQ when those events are under 25):
+beads per test / sample volume; below LLOQ when those events are under the
+rule's LLOQ on the tube's singlet T cells):
 the difference from ``kinetics`` is the blood draw's counting noise, the
 difference between ``kinetics_tube`` and a measurement is the analysis' own
 error.
 
 The cohort is designed so that counting noise cannot make the truth
 ambiguous: :func:`check_unambiguous` refuses a subject in which any visit's
-expected events lie so close to the LLOQ (CAR+) or to the aplasia threshold
-(B cells) that Poisson noise would put the observed events on the other side
-with a probability above 1 %.
+expected events lie so close to the tube's LLOQ (CAR+) or to the aplasia
+threshold (B cells) that counting noise would put the observed events on the
+other side with a probability above 1 %.
 
 TBNK/CAR T-cell pairs
 ---------------------
@@ -95,8 +118,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from cytometry.counts import detection_limits
 from cytometry.decisions.subjects import AplasiaRule, kinetics
 from cytometry.simulation.simulate import _MANIFEST_COLUMNS, PANELS, _fmt_number, simulate_tube, write_tube
+from gating.auto import MIN_REFERENCE_TAIL_EVENTS, REFERENCE_TAIL_SHARE
 
 __all__ = ["SubjectSpec", "SUBJECTS", "BACKGROUND", "VISIT_DAYS", "make_cohort", "check_unambiguous",
            "visit_concentrations", "true_kinetics", "main"]
@@ -118,8 +143,11 @@ BACKGROUND = {
     84: (600.0, 170.0, 340.0, 2700.0, 14.0),
 }
 
-#: uL of blood acquired per CAR tube by study day (more where CAR+ T cells are rare).
-DEFAULT_VOLUMES_UL = {0: 10.0, 4: 10.0, 7: 10.0, 10: 5.0, 14: 5.0, 21: 10.0, 28: 10.0, 56: 20.0, 84: 20.0}
+#: uL of blood acquired per CAR tube by study day (more where CAR+ T cells are rare). The
+#: pre-infusion reference and the late visits are acquired deep, as high-sensitivity CAR-T
+#: monitoring does: 40 of the tube's 50 uL (the whole tube less its dead volume; ~80,000-160,000
+#: events), so that the reference holds ~7,000 CAR-negative T cells and a late visit ~20,000.
+DEFAULT_VOLUMES_UL = {0: 40.0, 4: 10.0, 7: 10.0, 10: 5.0, 14: 5.0, 21: 20.0, 28: 20.0, 56: 40.0, 84: 40.0}
 TBNK_VOLUME_UL = 10.0
 SAMPLE_VOLUME_UL = 50.0
 CAR_LOT = 48950.0    # beads per test of the CAR tubes' lot
@@ -234,13 +262,58 @@ def _poisson_other_side(expected, limit):
     return float(stats.poisson.sf(math.ceil(limit) - 1, expected))
 
 
-def check_unambiguous(spec, lloq_events=LLOQ_EVENTS, aplasia_threshold=1.0, limit=MISCLASSIFICATION_LIMIT):
+def tube_limits(negative_t_events, reference_t_events):
+    """The analysis' LOD and LLOQ (events) of a CAR tube, from its CAR-negative T cells and the reference's.
+
+    The rule :func:`cytometry.analysis` applies to a counted tube
+    (:func:`cytometry.counts.detection_limits`), evaluated on known
+    quantities instead of measured ones: the highest counting cut leaves
+    ``k = max(0.1 % of the reference, 5)`` reference T cells above it
+    (:data:`gating.auto.REFERENCE_TAIL_SHARE`,
+    :data:`gating.auto.MIN_REFERENCE_TAIL_EVENTS`), so ``E = n_neg·k/(n_ref +
+    1)`` negatives are expected above it, with variance ``E + E²/k``.
+
+    Returns ``(lod, lloq, background_variance)``.
+
+    Examples
+    --------
+    >>> lod, lloq, variance = tube_limits(22600, 6770)
+    >>> round(lloq), round(variance)
+    (64, 101)
+    >>> tube_limits(0, 6770)[:2]
+    (3, 25)
+    """
+    k = max(int(round(REFERENCE_TAIL_SHARE * reference_t_events)), MIN_REFERENCE_TAIL_EVENTS)
+    background = negative_t_events * k / (reference_t_events + 1.0)
+    variance = background + background ** 2 / k
+    lod, lloq = detection_limits(background, variance)
+    return lod, lloq, variance
+
+
+def expected_limits(spec, day):
+    """:func:`tube_limits` of a visit's CAR tube from the expected singlet events of its blood.
+
+    Examples
+    --------
+    >>> lod, lloq, _ = expected_limits(SUBJECTS[2], 84)
+    >>> lloq > 25
+    True
+    """
+    singlet = singlet_probability()
+    negatives = BACKGROUND[day][0] * spec.volume(day) * singlet
+    reference = BACKGROUND[0][0] * spec.volume(0) * singlet
+    return tube_limits(negatives, reference)
+
+
+def check_unambiguous(spec, aplasia_threshold=1.0, limit=MISCLASSIFICATION_LIMIT):
     """Refuse a subject whose truth counting noise could turn over.
 
     For each CAR tube, the expected singlet CAR+ events must lie far enough
-    from the LLOQ, and the expected B-cell events from the events at the
-    aplasia threshold, that Poisson noise puts the observed count on the other
-    side with probability at most ``limit``.
+    from the tube's LLOQ (:func:`expected_limits`), and the expected B-cell
+    events from the events at the aplasia threshold, that noise puts the
+    observed count on the other side with probability at most ``limit``:
+    Poisson noise for B cells, and for CAR+ cells Poisson noise plus the
+    background's (normal approximation, the LLOQ's own terms).
 
     Raises
     ------
@@ -251,11 +324,11 @@ def check_unambiguous(spec, lloq_events=LLOQ_EVENTS, aplasia_threshold=1.0, limi
     --------
     >>> for spec in SUBJECTS:
     ...     check_unambiguous(spec)
-    >>> bad = SubjectSpec("x", "X1", "", car_t=(0, 2, 10, 10, 10, 10, 10, 10, 10), b_cells=(50,) + (0,) * 8)
+    >>> bad = SubjectSpec("x", "X1", "", car_t=(0, 2.5, 10, 10, 10, 10, 10, 10, 10), b_cells=(50,) + (0,) * 8)
     >>> check_unambiguous(bad)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: X1 day 4: CAR+ 2/uL in 10 uL is 18.8 expected events, 9.96% likely on the other side of ...
+    ValueError: X1 day 4: CAR+ 2.5/uL in 10 uL is 23.5 expected events, ...% likely on the other side of ...
     """
     if len(spec.car_t) != len(VISIT_DAYS) or len(spec.b_cells) != len(VISIT_DAYS):
         raise ValueError(f"{spec.subject_id}: car_t and b_cells need one value per visit day {VISIT_DAYS}")
@@ -264,42 +337,51 @@ def check_unambiguous(spec, lloq_events=LLOQ_EVENTS, aplasia_threshold=1.0, limi
     singlet = singlet_probability()
     for day, car, b in zip(VISIT_DAYS, spec.car_t, spec.b_cells):
         volume = spec.volume(day)
-        checks = [("CAR+", car, lloq_events, f"the {lloq_events}-event LLOQ")]
-        if day > 0:
-            threshold_events = aplasia_threshold * volume * singlet
-            checks.append(("B", b, threshold_events, f"the aplasia threshold ({threshold_events:.1f} events)"))
-        for name, value, events_limit, what in checks:
-            expected = value * volume * singlet
-            if value == 0:
-                continue
-            p = _poisson_other_side(expected, events_limit)
+        if car and day > 0:
+            _, lloq, variance = expected_limits(spec, day)
+            expected = car * volume * singlet
+            p = float(stats.norm.sf(abs(expected - lloq) / math.sqrt(expected + variance)))
             if p > limit:
-                raise ValueError(f"{spec.subject_id} day {day}: {name} {value:g}/uL in {volume:g} uL is "
-                                 f"{expected:.1f} expected events, {p:.2%} likely on the other side of {what}; "
-                                 f"change the value or the volume")
+                raise ValueError(f"{spec.subject_id} day {day}: CAR+ {car:g}/uL in {volume:g} uL is "
+                                 f"{expected:.1f} expected events, {p:.2%} likely on the other side of the "
+                                 f"tube's LLOQ ({lloq:.1f} events); change the value or the volume")
+        if b and day > 0:
+            threshold_events = aplasia_threshold * volume * singlet
+            expected = b * volume * singlet
+            p = _poisson_other_side(expected, threshold_events)
+            if p > limit:
+                raise ValueError(f"{spec.subject_id} day {day}: B {b:g}/uL in {volume:g} uL is "
+                                 f"{expected:.1f} expected events, {p:.2%} likely on the other side of the "
+                                 f"aplasia threshold ({threshold_events:.1f} events); change the value or the volume")
 
 
 def _true_point(day, car, b, volume, singlet, lloq_events):
-    def entry(value):
+    def entry(value, limit):
         events = value * volume * singlet
-        return {"cells_per_ul": value, "below_lloq": events < lloq_events, "events": events}
+        return {"cells_per_ul": value, "below_lloq": events < limit, "events": events}
 
-    return {"study_day": day, "status": "ok", "car_t": entry(car), "b_cells": entry(b)}
+    return {"study_day": day, "status": "ok", "car_t": entry(car, lloq_events), "b_cells": entry(b, LLOQ_EVENTS)}
 
 
-def true_kinetics(spec, lloq_events=LLOQ_EVENTS, aplasia=None):
+def true_kinetics(spec, lloq_events=None, aplasia=None):
     """The subject's true kinetics from its blood concentrations (see the module's conventions).
+
+    ``lloq_events``: one LLOQ for every CAR tube (the counting floor of 25
+    events, say) instead of each tube's own (:func:`expected_limits`).
 
     Examples
     --------
     >>> k = true_kinetics(SUBJECTS[0])
     >>> k["cmax"], k["tmax_day"], k["tlast_day"], k["aplasia_onset_day"], k["aplasia_recovery_day"]
     (300.0, 7, 56, 4, None)
+    >>> true_kinetics(SUBJECTS[2])["tlast_day"], true_kinetics(SUBJECTS[2], lloq_events=25)["tlast_day"]
+    (56, 84)
     >>> true_kinetics(SUBJECTS[3])["aplasia_onset_day"] is None
     True
     """
     singlet = singlet_probability()
-    points = [_true_point(day, float(car), float(b), spec.volume(day), singlet, lloq_events)
+    points = [_true_point(day, float(car), float(b), spec.volume(day), singlet,
+                          expected_limits(spec, day)[1] if lloq_events is None else lloq_events)
               for day, car, b in zip(VISIT_DAYS, spec.car_t, spec.b_cells)]
     return kinetics(points, aplasia or AplasiaRule())
 
@@ -367,11 +449,14 @@ def make_cohort(out_dir, seed=2113, subjects=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = select_subjects(subjects)
     rows = []
-    doc = {"generator": "cytometry.simulation.cohort", "seed": int(seed), "lloq_events": LLOQ_EVENTS,
+    doc = {"generator": "cytometry.simulation.cohort", "seed": int(seed), "lloq_events": "per tube (tube_limits)",
            "aplasia_rule": AplasiaRule().as_dict(),
            "truth_conventions": ("kinetics: from the true blood concentrations, quantifiable when the expected "
-                                 f"singlet events reach {LLOQ_EVENTS}; kinetics_tube: from the singlet events a "
-                                 "perfect gate would count in each tube"),
+                                 "singlet events reach the tube's LLOQ, the analysis' rule (tube_limits) on the "
+                                 "expected CAR-negative T cells of the tube and of the reference; "
+                                 f"kinetics_lloq_{LLOQ_EVENTS}: the same with the {LLOQ_EVENTS}-event counting "
+                                 "floor for every tube; kinetics_tube: from the singlet events a perfect gate "
+                                 "would count in each tube, against the rule on its singlet T cells"),
            "subjects": {}}
     lloq_rule = AplasiaRule()
     for spec in specs:
@@ -402,16 +487,21 @@ def make_cohort(out_dir, seed=2113, subjects=None):
             t_tube, t_events = _tube_value(truth, "t_cells")
             conc = truth["concentrations_per_ul"]
             expected_car = conc["car_t"] * volume * singlet_probability()
+            if day == 0:
+                reference_t_events = t_events
+            expected_lloq = expected_limits(spec, day)[1]
+            tube_lloq = tube_limits(t_events - car_events, reference_t_events)[1]
             subject["visits"].append({
                 "study_day": day, "file": name, "tube": "CAR", "blood_volume_ul": volume,
                 "car_t_per_ul": conc["car_t"], "b_cells_per_ul": conc["b_cells"], "t_cells_per_ul": conc["t_cells"],
-                "car_t_expected_events": round(expected_car, 2), "car_t_below_lloq": expected_car < LLOQ_EVENTS,
+                "car_t_expected_events": round(expected_car, 2), "car_t_lloq_events": round(expected_lloq, 2),
+                "car_t_below_lloq": expected_car < expected_lloq, "tube_car_t_lloq_events": round(tube_lloq, 2),
                 "tube_car_t_per_ul": car_tube, "tube_car_t_events": car_events,
                 "tube_b_cells_per_ul": b_tube, "tube_b_cells_events": b_events,
                 "tube_t_cells_per_ul": t_tube, "tube_t_cells_events": t_events,
                 "bead_events_singlet": truth["bead_events_singlet"], "gains": truth["gains"]})
             tube_points.append({"study_day": day, "status": "ok",
-                                "car_t": {"cells_per_ul": car_tube, "below_lloq": car_events < LLOQ_EVENTS,
+                                "car_t": {"cells_per_ul": car_tube, "below_lloq": car_events < tube_lloq,
                                           "events": car_events},
                                 "b_cells": {"cells_per_ul": b_tube, "below_lloq": b_events < LLOQ_EVENTS,
                                             "events": b_events}})
@@ -439,6 +529,7 @@ def make_cohort(out_dir, seed=2113, subjects=None):
                             if wrong else f"same blood as {name}")
                 rows.append((tname, spec.subject_id, visit, day, "TBNK", lot, SAMPLE_VOLUME_UL, tcomment))
         subject["kinetics"] = _kinetics_fields(true_kinetics(spec))
+        subject[f"kinetics_lloq_{LLOQ_EVENTS}"] = _kinetics_fields(true_kinetics(spec, lloq_events=LLOQ_EVENTS))
         subject["kinetics_tube"] = _kinetics_fields(kinetics(tube_points, lloq_rule))
         doc["subjects"][spec.subject_id] = subject
     with open(out_dir / "manifest.csv", "w", newline="") as fh:
@@ -508,11 +599,12 @@ def compare_to_truth(truth, subjects, tolerance=0.2):
         relative error, passed, diagnostic), ``visits`` (true, perfect-gate and
         measured CAR+ T and B cells per CAR tube) and ``crosschecks`` (study
         day, expected flag, flagged, z, passed). A subject missing from the
-        measurement fails every parameter. Two ``diagnostic`` rows,
-        ``clast_at_tube_lloq`` and ``tlast_at_tube_lloq``, judge the true
+        measurement fails every parameter. ``diagnostic`` rows:
+        ``clast_at_tube_lloq`` and ``tlast_at_tube_lloq`` judge the true
         values against each measured tube's own reported LLOQ (cells/uL)
-        instead of the cohort's 25 expected events: they separate a wrong
-        count from an LLOQ that is higher than the truth assumed.
+        instead of the truth's (they separate a wrong count from a wrong
+        LLOQ); ``clast_at_25_events`` and ``tlast_at_25_events`` against
+        the 25-event counting floor (``kinetics_lloq_25``).
 
     Examples
     --------
@@ -542,9 +634,16 @@ def compare_to_truth(truth, subjects, tolerance=0.2):
                            "relative_error": error, "passed": bool(passed), "diagnostic": False})
         timeline = {p["study_day"]: p for p in (m or {}).get("timeline", [])}
         at_tube_lloq = _truth_at_tube_lloq(t["visits"], timeline)
-        for key, label, kind, source in (("clast_at_tube_lloq", "Clast, truth at tube LLOQ", "value", "clast"),
-                                         ("tlast_at_tube_lloq", "Tlast, truth at tube LLOQ", "day", "tlast_day")):
-            true, got = at_tube_lloq[source], (m.get(source) if m else None)
+        at_floor = t.get(f"kinetics_lloq_{LLOQ_EVENTS}") or {}
+        diagnostics = [("clast_at_tube_lloq", "Clast, truth at tube LLOQ", "value", "clast", at_tube_lloq),
+                       ("tlast_at_tube_lloq", "Tlast, truth at tube LLOQ", "day", "tlast_day", at_tube_lloq)]
+        if at_floor:
+            diagnostics += [(f"clast_at_{LLOQ_EVENTS}_events", f"Clast, truth at {LLOQ_EVENTS} events", "value",
+                             "clast", at_floor),
+                            (f"tlast_at_{LLOQ_EVENTS}_events", f"Tlast, truth at {LLOQ_EVENTS} events", "day",
+                             "tlast_day", at_floor)]
+        for key, label, kind, source, reference in diagnostics:
+            true, got = reference.get(source), (m.get(source) if m else None)
             error = _relative_error(got, true) if kind == "value" else None
             passed = m is not None and (got == true if kind == "day" or true is None or got is None
                                         else abs(error) <= tolerance)
