@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytometry.loading.fcs import Spillover
+from cytometry.loading.fcs import Spillover, check_spillover_matrix
 from gpu.logicle import logicle as fast_logicle
 
 #: Logicle parameters used for every fluorescence channel (GatingML names).
@@ -78,6 +78,7 @@ def read_compensation_csv(path, pnn):
     if missing:
         raise ValueError(f"compensation file {path} names detector(s) {', '.join(missing)} "
                          f"not in the FCS file (channels: {', '.join(pnn)})")
+    check_spillover_matrix(header, np.array(values), f"compensation file {path}")
     return Spillover(detectors=header, matrix=np.array(values), source=str(path))
 
 
@@ -107,12 +108,16 @@ def compensate(events, pnn, spillover):
     array([[100.,   0.]])
     """
     indices = [pnn.index(name) for name in spillover.detectors]
-    if abs(np.linalg.det(spillover.matrix)) < 1e-12:
-        raise ValueError(f"spillover matrix from {spillover.source} is singular")
+    # Singular means ill-conditioned (condition number), not a small determinant.
+    check_spillover_matrix(spillover.detectors, spillover.matrix, f"spillover matrix from {spillover.source}")
     # raw = true @ S, so true = raw @ S⁻¹: one small matrix product per file
     # (flowutils solves per event block; both agree to rounding, tested).
     out = np.array(events, dtype=np.float64, copy=True)
-    out[:, indices] = out[:, indices] @ np.linalg.inv(spillover.matrix)
+    with np.errstate(all="ignore"):  # overflow is reported below, as one line, not as a RuntimeWarning
+        out[:, indices] = out[:, indices] @ np.linalg.inv(spillover.matrix)
+    if not np.isfinite(out[:, indices]).all():
+        raise ValueError(f"compensation with the spillover matrix from {spillover.source} overflows: the events "
+                         f"hold values up to {np.max(np.abs(events[:, indices])):.3g}")
     return out
 
 
