@@ -416,6 +416,24 @@ def _read_layout(path, max_events):
         bits = sum(widths)
     for i in range(1, parameters + 1):
         name = keywords.get(f"p{i}n", "").strip()
+        # flowio needs every $PnR (a KeyError otherwise), as an integer for integer data.
+        top = keywords.get(f"p{i}r")
+        if top is None:
+            raise FcsError(path, f"channel {i} ({name}) has no $P{i}R (its range, a required keyword)")
+        try:
+            int(top) if datatype == "I" else float(top)
+        except ValueError:
+            kind = "an integer, as integer data need" if datatype == "I" else "a number"
+            raise FcsError(path, f"channel {i} ({name}) has $P{i}R {top.strip()!r}: not {kind}") from None
+        amplification = keywords.get(f"p{i}e")
+        if amplification is not None:
+            try:
+                decades, offset = (float(v) for v in amplification.split(","))
+            except ValueError:
+                decades = offset = float("nan")
+            if not (np.isfinite(decades) and np.isfinite(offset) and decades >= 0 and offset >= 0):
+                raise FcsError(path, f"channel {i} ({name}) has $P{i}E {amplification.strip()!r}: expected two "
+                                     f"non-negative numbers, 'decades,offset'")
         value = keywords.get(f"p{i}g")
         if value is None or _is_time(name):
             continue
