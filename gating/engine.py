@@ -368,6 +368,7 @@ class GatingContext:
         self.gates, self.masks, self.parents, self.flags = [], {}, {}, []
         self.stand_ins = {}   # population of a skipped optional step → the population it stands for
         self.skipped = set()
+        self.emptied = set()  # populations left empty because their parent held no events
         self._cuts = {}
 
     def resolve(self, name):
@@ -1144,6 +1145,9 @@ def _empty_step(context, step, parent):
     for population in step.populations + STEP_METHODS[step.method].side_populations(step):
         context.masks[population] = empty.copy()
         context.parents[population] = parent
+        context.emptied.add(population)
+    if parent in context.emptied:
+        return  # flagged where the emptiness began; unreliability follows the tree down
     for population in step.populations:
         context.flag(population, "empty_parent", "fail", f"0 events in {parent}: {population} cannot be gated")
 

@@ -183,6 +183,35 @@ def test_duplicate_detectors_in_spillover_are_refused(tmp_path, base):
     assert result["eligibility"]["verdict"] == "qc_fail"
 
 
+@pytest.mark.parametrize("changes,expected", [
+    ({"$P8R": None}, r"channel 8 \(APC-A\) has no \$P8R"),
+    ({"$P8R": "x"}, r"channel 8 \(APC-A\) has \$P8R 'x': not a number"),
+    ({"$P8E": "x"}, r"channel 8 \(APC-A\) has \$P8E 'x'"),
+    ({"$P8E": "4,-1"}, r"channel 8 \(APC-A\) has \$P8E '4,-1'"),
+    ({"$DATATYPE": "A"}, r"unsupported \$DATATYPE 'A'"),
+])
+def test_layout_keywords_flowio_would_misread_are_refused_in_one_line(tmp_path, base, changes, expected):
+    with pytest.raises(FcsError, match=expected) as info:
+        read_fcs(write(tmp_path, base.with_keywords(changes)))
+    assert "\n" not in str(info.value)
+
+
+def test_a_spaced_byte_order_is_read_in_the_order_it_names(tmp_path, base):
+    """flowio compares $BYTEORD verbatim and falls back to the machine's order: wrong numbers, silently."""
+    big = base.__class__(base.version, base.with_keywords({"$BYTEORD": "4,3,2,1"}).keywords, base.delimiter,
+                         events_of(base).astype(">f4").tobytes())
+    plain = read_fcs(write(tmp_path, big, "big.fcs"))
+    spaced = read_fcs(write(tmp_path, big.with_keywords({"$BYTEORD": "4, 3, 2, 1"}), "spaced.fcs"))
+    np.testing.assert_array_equal(spaced.events, plain.events)
+    np.testing.assert_array_equal(plain.events, read_fcs(write(tmp_path, base, "little.fcs")).events)
+
+
+def test_a_vanishing_gain_is_refused_without_warnings(tmp_path, base):
+    """$PnG 1e-300 makes every value 1e300 or more: events beyond any scale, not a RuntimeWarning."""
+    result = analyse(write(tmp_path, base.with_keywords({"$P8G": "1e-300"})))
+    assert result["status"] == "error" and "beyond" in result["error"]
+
+
 def test_a_keyword_repeated_with_another_value_is_refused(tmp_path, base):
     parts = base.__class__(base.version, base.keywords + (("$P8G", "-1"),), base.delimiter, base.data)
     with pytest.raises(FcsError, match=r"\$P8G appears twice with different values"):

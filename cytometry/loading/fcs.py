@@ -281,6 +281,12 @@ DEFAULT_CHANNEL_TOP = 262144.0
 #: logicle transform can use, so the default top is used and the result says so.
 MAX_CHANNEL_RANGE = 2.0 ** 32
 
+#: Largest event value taken as a measurement. No detector reports more than about 1e10
+#: (a 32-bit ADC: 4.3e9; float-data instruments: a few million); a value beyond 1e30 is a
+#: corrupt word or a scaling gone wrong (a $PnG of 1e-300), and squares of values beyond
+#: 1e154 overflow float64 in every variance downstream. Such events count as non-finite.
+MAX_EVENT_MAGNITUDE = 1e30
+
 #: Files claiming more events than this are refused before anything is read (configurable).
 DEFAULT_MAX_EVENTS = 50_000_000
 _MAX_TEXT_BYTES = 16 << 20
@@ -371,6 +377,9 @@ def _read_layout(path, max_events):
             raise FcsError(path, f"keyword {key.strip()} appears twice with different values "
                                  f"({keywords[name].strip()!r} and {value.strip()!r})")
         keywords[name] = value
+    for name, meaning in (("tot", "the number of events"), ("par", "the number of channels")):
+        if name not in keywords:
+            raise FcsError(path, f"no ${name.upper()} keyword ({meaning}, required)")
     try:
         events = int(keywords.get("tot", "").strip())
         parameters = int(keywords.get("par", "").strip())
@@ -431,9 +440,12 @@ def _read_layout(path, max_events):
                 decades, offset = (float(v) for v in amplification.split(","))
             except ValueError:
                 decades = offset = float("nan")
-            if not (np.isfinite(decades) and np.isfinite(offset) and decades >= 0 and offset >= 0):
-                raise FcsError(path, f"channel {i} ({name}) has $P{i}E {amplification.strip()!r}: expected two "
-                                     f"non-negative numbers, 'decades,offset'")
+            # flowio reads a log channel as offset x 10^(decades x value / range): a negative
+            # offset would turn every value's sign (the offset is unused when decades is 0).
+            if not (np.isfinite(decades) and np.isfinite(offset) and decades >= 0
+                    and (offset >= 0 or decades == 0)):
+                raise FcsError(path, f"channel {i} ({name}) has $P{i}E {amplification.strip()!r}: expected "
+                                     f"'decades,offset', two non-negative numbers")
         value = keywords.get(f"p{i}g")
         if value is None or _is_time(name):
             continue
@@ -560,7 +572,7 @@ def _widened_to_32_bits(path, layout):
             out[:, column] = (out[:, column] << np.uint32(8)) | block[:, offset + byte]
         offset += width
     changes = {f"p{i}b": "32" for i in range(1, layout.parameters + 1)}
-    changes["byteord"] = "1,2,3,4"
+    changes.update(byteord="1,2,3,4", datatype="I")
     return _rebuilt(layout, changes, out.tobytes())
 
 
@@ -585,6 +597,18 @@ def _flowio_source(path, layout):
     datatype = keywords.get("datatype", "").strip().upper()
     if datatype == "I" and any(keywords[f"p{i}b"].strip() == "24" for i in range(1, layout.parameters + 1)):
         return _widened_to_32_bits(path, layout), "file: 24-bit integer data, widened to 32 bits for reading"
+    # flowio compares these two verbatim: "4, 3, 2, 1" would be read in the machine's own
+    # byte order (wrong numbers, no error) and " F" not at all. Written as the reader checked them.
+    canonical = {"byteord": keywords["byteord"].strip().replace(" ", ""), "datatype": datatype}
+    changes = {k: v for k, v in canonical.items() if keywords[k] != v}
+    if changes:
+        start, end = _data_segment(layout)
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read(max(end - start + 1, 0))
+        return (_rebuilt(layout, changes, data),
+                f"file: {', '.join(f'${k.upper()} {keywords[k]!r}' for k in changes)} read as "
+                f"{', '.join(repr(v) for v in changes.values())}")
     if layout.blank_data_offsets and layout.version != b"FCS2.0" and "begindata" in keywords:
         return (_with_header_data_offsets(path, layout),
                 "file: HEADER DATA offsets are blank; read at the TEXT's $BEGINDATA/$ENDDATA")
@@ -673,11 +697,13 @@ def read_fcs(path, max_events=DEFAULT_MAX_EVENTS):
     if events.ndim != 2 or events.shape[0] == 0:
         raise FcsError(path, "contains no events")
     read_events = int(events.shape[0])
-    finite = np.isfinite(events).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        finite = (np.abs(events) <= MAX_EVENT_MAGNITUDE).all(axis=1)  # False for NaN too
     dropped = int((~finite).sum())
     if dropped:
         if dropped > 0.01 * events.shape[0]:
-            raise FcsError(path, f"{dropped} of {events.shape[0]} events hold NaN or infinite values")
+            raise FcsError(path, f"{dropped} of {events.shape[0]} events hold NaN or infinite values "
+                                 f"(or beyond ±{MAX_EVENT_MAGNITUDE:g})")
         # A few corrupt events: dropped, and said so (FcsSample.dropped_events, a QC flag).
         events = events[finite]
     keywords = {str(k).lower().lstrip("$"): str(v) for k, v in flow.metadata.items()}
