@@ -1,7 +1,8 @@
 """A long fuzz campaign of the whole `cytometry analyze` command, outside CI.
 
 CI runs a short one of the reader alone (tests/test_hostile_input.py). This
-one mutates small simulated TBNK and CAR tubes, structure-aware
+one mutates small simulated TBNK and CAR tubes (float data, and the same
+tubes stored as 16-bit and 24-bit integers), structure-aware
 (:mod:`cytometry.simulation.fcs_bytes`: one keyword or segment changed, the
 offsets kept consistent unless the HEADER itself is the target), and runs
 each mutant through ``cytometry.outputs.cli.main(["analyze", ...])``
@@ -32,7 +33,7 @@ Prints examples/s, the outcome table per mutator and every finding (inputs
 saved under --out for reproduction). The target: 0 unexpected, 0 traceback,
 0 warning, 0 hang.
 
-    python benchmarks/fuzz_campaign.py --examples 20000 [--seed 1] [--minutes 15] [--out fuzz_findings/]
+    python benchmarks/fuzz_campaign.py --examples 20000 [--seed 1] [--minutes 15] [--by-datatype] [--out fuzz_findings/]
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from cytometry.outputs.cli import main as cli_main  # noqa: E402
-from cytometry.simulation.fcs_bytes import FcsParts, split_fcs  # noqa: E402
+from cytometry.simulation.fcs_bytes import FcsParts, as_integer_data, split_fcs  # noqa: E402
 from cytometry.simulation.simulate import simulate_tube, write_tube  # noqa: E402
 
 ANALYZE_ARGS = ["--json", "--workers", "1", "--beads-per-test", "50000", "--sample-volume-ul", "50"]
@@ -104,8 +105,14 @@ def _spill_text(n, names, values):
     return ",".join([str(n)] + list(names) + [v if isinstance(v, str) else repr(float(v)) for v in values])
 
 
-def mutate(parts, rng):
-    """One mutant: (mutator name, file bytes)."""
+def mutate(parts, rng, integer=None):
+    """One mutant of ``parts`` (float data): (mutator name, file bytes).
+
+    ``integer`` = (bits, big_endian) mutates the tube stored as integer data
+    instead (the events are changed as floats first, then stored).
+    """
+    store = (lambda p: as_integer_data(p, *integer)) if integer else (lambda p: p)
+    float_parts, parts = parts, store(parts)
     kind = rng.choice(["header", "par", "tot", "pnb", "pnr", "png", "pne", "datatype", "byteord", "spill_shape",
                        "spill_value", "duplicate", "non_utf8", "data", "flip", "truncate", "length"])
     if kind == "header":
@@ -206,7 +213,7 @@ def mutate(parts, rng):
         pairs[at] = (key, value)
         return kind, FcsParts(parts.version, tuple(pairs), parts.delimiter, parts.data).to_bytes()
     if kind == "data":
-        events = _events(parts)
+        events = _events(float_parts)
         choice = rng.choice(["zero", "constant", "subnormal", "huge", "nan", "nan_some", "zero_scatter",
                              "negative", "inf_column", "few_events"])
         column = rng.randrange(events.shape[1])
@@ -230,8 +237,8 @@ def mutate(parts, rng):
             events[:, column] = np.inf
         else:
             events = events[:rng.choice([1, 2, 3, 5, 10, 50])]
-            return kind, _with_events(parts, events).with_keywords({"$TOT": str(len(events))}).to_bytes()
-        return kind, _with_events(parts, events).to_bytes()
+            return kind, store(_with_events(float_parts, events).with_keywords({"$TOT": str(len(events))})).to_bytes()
+        return kind, store(_with_events(float_parts, events)).to_bytes()
     raw = bytearray(parts.to_bytes())
     text_end = int(raw[18:26].strip())
     if kind == "flip":
@@ -288,6 +295,7 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long, whatever --examples")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before an example is a hang")
     parser.add_argument("--out", default="fuzz_findings")
+    parser.add_argument("--by-datatype", action="store_true", help="one table row per mutator and data type")
     parser.add_argument("--messages", type=int, default=0, metavar="N",
                         help="also print each mutator's N commonest clean errors")
     args = parser.parse_args(argv)
@@ -298,16 +306,20 @@ def main(argv=None):
     messages = collections.defaultdict(collections.Counter)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        bases = [split_fcs(write_tube(simulate_tube(panel, seed=4, blood_volume_ul=volume),
+        tubes = [split_fcs(write_tube(simulate_tube(panel, seed=4, blood_volume_ul=volume),
                                       scratch / f"base_{panel}.fcs").read_bytes())
                  for panel, volume in (("tbnk", 0.1), ("car", 0.2))]
+        # Float data (as the simulator writes), 16-bit little-endian and 24-bit big-endian integers.
+        bases = [(tube, integer) for tube in tubes for integer in (None, (16, False), (24, True))]
         path = scratch / "fuzzed.fcs"
         start = time.perf_counter()
         done = 0
         for i in range(args.examples):
             if args.minutes is not None and time.perf_counter() - start > 60 * args.minutes:
                 break
-            kind, data = mutate(rng.choice(bases), rng)
+            tube, integer = rng.choice(bases)
+            kind, data = mutate(tube, rng, integer)
+            kind = f"{kind}/{'F' if integer is None else f'I{integer[0]}'}" if args.by_datatype else kind
             path.write_bytes(data)
             t0 = time.perf_counter()
             outcome, detail = run_analyze(path, args.timeout)
@@ -323,12 +335,12 @@ def main(argv=None):
     rate = done / elapsed if elapsed else float("nan")
     print(f"{done} examples in {elapsed:.0f} s: {rate:.2f} examples/s (median {1000 * np.median(durations):.0f} ms, "
           f"slowest {1000 * max(durations):.0f} ms); {args.examples} would take ~{args.examples / rate / 60:.0f} min")
-    print(f"{'mutator':12s}" + "".join(f"{o:>13s}" for o in OUTCOMES))
+    print(f"{'mutator':16s}" + "".join(f"{o:>13s}" for o in OUTCOMES))
     totals = collections.Counter()
     for kind in sorted(outcomes):
         totals.update(outcomes[kind])
-        print(f"{kind:12s}" + "".join(f"{outcomes[kind][o]:13d}" for o in OUTCOMES))
-    print(f"{'total':12s}" + "".join(f"{totals[o]:13d}" for o in OUTCOMES))
+        print(f"{kind:16s}" + "".join(f"{outcomes[kind][o]:13d}" for o in OUTCOMES))
+    print(f"{'total':16s}" + "".join(f"{totals[o]:13d}" for o in OUTCOMES))
     for kind in sorted(messages) if args.messages else ():
         for message, count in messages[kind].most_common(args.messages):
             print(f"  {kind:12s} {count:6d}  {message}")

@@ -17,7 +17,7 @@ from cytometry.analysis import AnalysisOptions, analyze_file
 from cytometry.loading.fcs import FcsError, MAX_SPILLOVER_CONDITION, parse_spillover, read_fcs
 from cytometry.outputs.cli import main
 from cytometry.preprocess import compensate
-from cytometry.simulation.fcs_bytes import split_fcs
+from cytometry.simulation.fcs_bytes import as_integer_data, split_fcs
 
 VENDOR = Path(__file__).parent / "data" / "vendor"
 OPTIONS = AnalysisOptions(beads_per_test=50120, sample_volume_ul=50)
@@ -283,6 +283,14 @@ def test_cytek_xp5_24_bit_data_load_with_fcsparsers_values():
     expected[:, 3:] = 10 ** (4.0 * channel_values[:, 3:] / 1024.0)
     expected[:, 0] *= float(sample.keywords["timestep"])
     np.testing.assert_allclose(sample.events[:2], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_24_bit_integer_data_read_as_the_same_numbers_in_32_bits(tmp_path, base, big_endian):
+    wide = read_fcs(write(tmp_path, as_integer_data(base, 32), "i32.fcs"))
+    narrow = read_fcs(write(tmp_path, as_integer_data(base, 24, big_endian), "i24.fcs"))
+    np.testing.assert_array_equal(narrow.events, wide.events)
+    assert narrow.events.shape == (24123, 10) and any("24-bit" in note for note in narrow.read_notes)
 
 
 def test_blank_header_data_offsets_load_with_fcsparsers_values():

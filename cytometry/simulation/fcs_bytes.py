@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 _OFFSET_KEYWORDS = ("$BEGINDATA", "$ENDDATA")
 
 
@@ -86,6 +88,35 @@ class FcsParts:
         offsets = writer(58, 58 + len(text) - 1, begin, end)
         header = self.version.ljust(10) + offsets + b"       0       0"
         return header[:58].ljust(58) + text + self.data
+
+
+def as_integer_data(parts, bits, big_endian=False, top=None):
+    """The same float tube stored as ``bits``-bit unsigned integers (8, 16, 24 or 32 per channel).
+
+    Values are rounded and clipped to ``0 .. top - 1`` (``$PnR`` becomes
+    ``top``, by default 262144 or what ``bits`` hold if less); ``$DATATYPE`` I, ``$PnB`` and ``$BYTEORD`` follow. Widths other
+    than 8/16/32 (24 bits, as a Cytek xP5 writes) are what flowio cannot read.
+
+    Examples
+    --------
+    >>> raw = open("sample_fcs/S01_screening_TBNK.fcs", "rb").read()
+    >>> parts = as_integer_data(split_fcs(raw), 24, big_endian=True)
+    >>> parts.get("$DATATYPE"), parts.get("$P1B"), parts.get("$BYTEORD"), len(parts.data) == 24123 * 10 * 3
+    ('I', '24', '4,3,2,1', True)
+    """
+    n = int(parts.get("$PAR"))
+    top = min(262144, 2 ** bits) if top is None else top
+    events = np.frombuffer(parts.data, dtype="<f4").reshape(-1, n)
+    values = np.clip(np.rint(np.nan_to_num(events)), 0, top - 1).astype("<u4")
+    width = bits // 8
+    as_bytes = values.view(np.uint8).reshape(len(values), n, 4)[:, :, :width]  # little-endian low bytes
+    if big_endian:
+        as_bytes = as_bytes[:, :, ::-1]
+    changes = {"$DATATYPE": "I", "$BYTEORD": "4,3,2,1" if big_endian else "1,2,3,4"}
+    for i in range(1, n + 1):
+        changes[f"$P{i}B"] = str(bits)
+        changes[f"$P{i}R"] = str(top)
+    return replace(parts.with_keywords(changes), data=np.ascontiguousarray(as_bytes).tobytes())
 
 
 def split_fcs(raw):
