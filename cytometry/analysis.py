@@ -642,7 +642,11 @@ def gate_file(path, options=None, *, keep_raw=True):
     """
     options = options or AnalysisOptions()
     sample = read_fcs(path)
-
+    if sample.n_events >= 2 and bool(np.all(sample.events.max(axis=0) == sample.events.min(axis=0))):
+        # All zeros (or one value repeated, subnormal or not): nothing to gate. The file
+        # still loads (inspect shows it); a count from it would be no measurement.
+        raise SampleError(f"all {sample.n_events} events hold the same values in every channel "
+                          f"(e.g. {sample.events[0, 0]:.3g}): no signal to analyse")
 
     try:
         panels = available_panels(options.panel_dirs)
@@ -658,6 +662,13 @@ def gate_file(path, options=None, *, keep_raw=True):
     if sample.dropped_events:
         flags.append(Flag("events", "non_finite_events", "warning",
                           f"{sample.dropped_events} events with NaN or infinite values dropped"))
+    if sample.declared_events is not None and sample.read_events is not None \
+            and sample.declared_events != sample.read_events:
+        # The file contradicts itself about how many events it holds: a truncated or
+        # padded DATA segment. The events found are analysed; the verdict is not trusted.
+        flags.append(Flag("file", "event_count_mismatch", "fail",
+                          f"$TOT says {sample.declared_events} events but the DATA segment holds "
+                          f"{sample.read_events}"))
     if options.compensation:
         spillover = read_compensation_csv(options.compensation, sample.pnn)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytometry.loading.fcs import EVENT_BLOCK, Spillover
+from cytometry.loading.fcs import EVENT_BLOCK, Spillover, check_spillover_matrix
 from gpu.logicle import logicle as fast_logicle
 
 #: Logicle parameters used for every fluorescence channel (GatingML names).
@@ -78,6 +78,7 @@ def read_compensation_csv(path, pnn):
     if missing:
         raise ValueError(f"compensation file {path} names detector(s) {', '.join(missing)} "
                          f"not in the FCS file (channels: {', '.join(pnn)})")
+    check_spillover_matrix(header, np.array(values), f"compensation file {path}")
     return Spillover(detectors=header, matrix=np.array(values), source=str(path))
 
 
@@ -113,8 +114,8 @@ def compensate(events, pnn, spillover, *, out=None):
     array([[100.,   0.]])
     """
     indices = [pnn.index(name) for name in spillover.detectors]
-    if abs(np.linalg.det(spillover.matrix)) < 1e-12:
-        raise ValueError(f"spillover matrix from {spillover.source} is singular")
+    # Singular means ill-conditioned (condition number), not a small determinant.
+    check_spillover_matrix(spillover.detectors, spillover.matrix, f"spillover matrix from {spillover.source}")
     # raw = true @ S, so true = raw @ S⁻¹: one small matrix product per file
     # (flowutils solves per event block; both agree to rounding, tested).
     inverse = np.linalg.inv(spillover.matrix)
@@ -124,7 +125,16 @@ def compensate(events, pnn, spillover, *, out=None):
         out[...] = events
     for start in range(0, out.shape[0], EVENT_BLOCK):
         rows = slice(start, start + EVENT_BLOCK)
-        out[rows, indices] = out[rows][:, indices].astype(np.float64) @ inverse
+        with np.errstate(all="ignore"):  # overflow is reported below, as one line, not as a RuntimeWarning
+            block = out[rows][:, indices].astype(np.float64) @ inverse
+        if not np.isfinite(block).all():
+            raise ValueError(f"compensation with the spillover matrix from {spillover.source} overflows: the events "
+                             f"hold values up to {np.max(np.abs(out[rows][:, indices])):.3g}")
+        with np.errstate(all="ignore"):  # beyond float32's range is the overflow said above, never silent inf
+            out[rows, indices] = block
+        if not np.isfinite(out[rows][:, indices]).all():
+            raise ValueError(f"compensation with the spillover matrix from {spillover.source} overflows "
+                             f"{out.dtype} (values beyond {np.finfo(out.dtype).max:.3g})")
     return out
 
 

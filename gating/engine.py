@@ -374,6 +374,7 @@ class GatingContext:
         self.gates, self.masks, self.parents, self.flags = [], {}, {}, []
         self.stand_ins = {}   # population of a skipped optional step → the population it stands for
         self.skipped = set()
+        self.emptied = set()  # populations left empty because their parent held no events
         self._cuts = {}
 
     def resolve(self, name):
@@ -1150,6 +1151,24 @@ def verify_gating(data, channels, masks, gates):
 
 # --------------------------------------------------------------------------- running a plan
 
+def _empty_step(context, step, parent):
+    """A step whose parent holds no events: its populations are empty, and flagged ``fail``.
+
+    Every density and threshold method needs events to work on (an empty
+    singlet set has no percentiles); a count of 0 here is not a measurement,
+    so the populations are marked unreliable rather than reported as absent.
+    """
+    empty = np.zeros(context.data.shape[0], dtype=bool)
+    for population in step.populations + STEP_METHODS[step.method].side_populations(step):
+        context.masks[population] = empty.copy()
+        context.parents[population] = parent
+        context.emptied.add(population)
+    if parent in context.emptied:
+        return  # flagged where the emptiness began; unreliability follows the tree down
+    for population in step.populations:
+        context.flag(population, "empty_parent", "fail", f"0 events in {parent}: {population} cannot be gated")
+
+
 def run_plan(data, channels, panel, params, device=None, tops=None):
     """Run ``panel``'s gating plan on a transformed event matrix.
 
@@ -1188,6 +1207,10 @@ def run_plan(data, channels, panel, params, device=None, tops=None):
                     context.stand_ins[population] = step.parent
                     context.skipped.add(population)
                 continue
+        parent = context.resolve(step.parent) if step.parent else None
+        if parent in context.masks and not context.masks[parent].any():
+            _empty_step(context, step, parent)
+            continue
         STEP_METHODS[step.method].function(context, step)
     context.flags.extend(verify_gating(context.data, channels, context.masks, context.gates))
     unreliable = unreliable_populations(context.flags, context.parents)
