@@ -288,6 +288,29 @@ def _negative_quantiles(ordered, probabilities, positive_fraction=0.0, positive_
     return np.interp(probabilities, np.maximum.accumulate(cdf), ordered)
 
 
+def _central_hessian(function, point, steps):
+    """Hessian of ``function`` at ``point`` by central differences of ``steps`` (the observed information
+    of a negative log-likelihood, whose inverse is the fit's covariance).
+
+    Examples
+    --------
+    >>> _central_hessian(lambda p: p[0] ** 2 + 3 * p[0] * p[1], (1.0, 2.0), np.array([1e-3, 1e-3])).round(6)
+    array([[2., 3.],
+           [3., 0.]])
+    """
+    n = len(point)
+    hessian = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            def shifted(di, dj):
+                moved = np.array(point, dtype=float)
+                moved[i] += di * steps[i]
+                moved[j] += dj * steps[j]
+                return function(moved)
+            hessian[i, j] = (shifted(1, 1) - shifted(1, -1) - shifted(-1, 1) + shifted(-1, -1)) / (4 * steps[i] * steps[j])
+    return hessian
+
+
 def _extrapolate_positives(descending, cut, excess):
     """Scale the ``excess`` positives seen above ``cut`` to all positives.
 
@@ -321,15 +344,7 @@ def _extrapolate_positives(descending, cut, excess):
     # Observed information by central differences; its inverse is the
     # covariance of (centre, log σ).
     steps = np.array([0.02 * spread, 0.02])
-    hessian = np.empty((2, 2))
-    for i in range(2):
-        for j in range(2):
-            def shifted(di, dj):
-                point = np.array([center, log_sd])
-                point[i] += di * steps[i]
-                point[j] += dj * steps[j]
-                return negative_log_likelihood(point)
-            hessian[i, j] = (shifted(1, 1) - shifted(1, -1) - shifted(-1, 1) + shifted(-1, -1)) / (4 * steps[i] * steps[j])
+    hessian = _central_hessian(negative_log_likelihood, (center, log_sd), steps)
     density = float(np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi))
     gradient = np.array([density / spread, density * z])
     try:
@@ -449,15 +464,7 @@ def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, 
     mu, log_sd = (float(v) for v in fit.x)
     share_above = share(mu, log_sd)
     steps = np.array([0.02, 0.02])
-    hessian = np.empty((2, 2))
-    for i in range(2):
-        for j in range(2):
-            def shifted(di, dj):
-                point = np.array([mu, log_sd])
-                point[i] += di * steps[i]
-                point[j] += dj * steps[j]
-                return negative_log_likelihood(point)
-            hessian[i, j] = (shifted(1, 1) - shifted(1, -1) - shifted(-1, 1) + shifted(-1, -1)) / (4 * steps[i] * steps[j])
+    hessian = _central_hessian(negative_log_likelihood, (mu, log_sd), steps)
     gradient = np.array([(share(mu + steps[0], log_sd) - share(mu - steps[0], log_sd)) / (2 * steps[0]),
                          (share(mu, log_sd + steps[1]) - share(mu, log_sd - steps[1])) / (2 * steps[1])])
     try:

@@ -4,8 +4,6 @@ The committed samples are analysed once (module fixture) into a store in a
 temporary copy, the FCS files are then deleted, and the report is written
 from another folder.
 """
-import io
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +15,7 @@ from cytometry.outputs.cli import main
 from cytometry.outputs.plots import GatingView, gating_figure, gating_steps
 from cytometry.outputs.report import population_rows
 from cytometry.batch.store import REPORT_EVENTS, ResultStore
+from store_legacy import unsealed
 
 LEGEND = re.compile(r"^(\w+): ([\d,]+) events")
 
@@ -140,17 +139,6 @@ def test_audit_block_from_the_file_keywords_and_car_reference(reported):
     assert "<span class='check-flag'>flag</span>" in section and "stop_rule" in section
 
 
-def unsealed(entry):
-    """Rewrite a store entry as versions before issue 15 wrote it: the same HDF5 content, no seal (user block)."""
-    source = io.BytesIO(entry.read_bytes())
-    temporary = entry.with_name(entry.name + ".unsealed")
-    with h5py.File(source, "r") as old, h5py.File(temporary, "w") as new:
-        for key, value in old.attrs.items():
-            new.attrs[key] = value
-        for name in old:
-            old.copy(old[name], new, name=name)
-    os.replace(temporary, entry)
-    return entry
 
 
 def test_a_sample_without_stored_events_says_so(sample_dir, tmp_path, capsys):

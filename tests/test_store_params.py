@@ -1,8 +1,6 @@
 """One parameter set per store: a second set is refused, --replace starts again, readers take one set."""
 import csv
-import io
 import json
-import os
 
 import h5py
 import pytest
@@ -15,6 +13,7 @@ from cytometry.loading.manifest import read_manifest
 from cytometry.outputs.cli import main
 from cytometry.batch.store import (ParameterSetMismatch, ResultStore, StoreError, parameter_set_hash, params_hash)
 from cytometry.decisions.subjects import persistence, screening_decisions
+from store_legacy import unsealed
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_fcs"
 TUBES = ["S01_screening_TBNK.fcs", "S03_screening_TBNK.fcs", "S01_day000_CAR.fcs", "S01_day010_CAR.fcs",
@@ -115,17 +114,6 @@ def test_api_refuses_a_second_set(sample_dir, default_store, tmp_path):
     assert all(r.get("skipped") for r in again)
 
 
-def unsealed(entry):
-    """Rewrite a store entry as versions before issue 15 wrote it: the same HDF5 content, no seal (user block)."""
-    source = io.BytesIO(entry.read_bytes())
-    temporary = entry.with_name(entry.name + ".unsealed")
-    with h5py.File(source, "r") as old, h5py.File(temporary, "w") as new:
-        for key, value in old.attrs.items():
-            new.attrs[key] = value
-        for name in old:
-            old.copy(old[name], new, name=name)
-    os.replace(temporary, entry)
-    return entry
 
 
 def _legacy_copy(store, target, duplicate_as=None):

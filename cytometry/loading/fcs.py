@@ -322,10 +322,15 @@ _MAX_TEXT_BYTES = 16 << 20
 _HEADER_OFFSET_LIMIT = 99_999_999
 
 
-def _text_pairs(text):
+def text_pairs(text):
     """Keyword/value pairs of an FCS TEXT segment, in file order, duplicates kept, keys as written.
 
     The delimiter is the first byte; a doubled delimiter stands for itself.
+
+    Examples
+    --------
+    >>> text_pairs("/$PAR/2/$P1N/FSC-A/$COM/a//b/")
+    [('$PAR', '2'), ('$P1N', 'FSC-A'), ('$COM', 'a/b')]
     """
     if not text:
         return []
@@ -355,7 +360,7 @@ def _keyword_key(key):
 
 def _text_keywords(text):
     """Keywords of an FCS TEXT segment (lower case, no leading ``$``; the last of a duplicate wins)."""
-    return {_keyword_key(k): v for k, v in _text_pairs(text)}
+    return {_keyword_key(k): v for k, v in text_pairs(text)}
 
 
 def _is_time(name):
@@ -395,7 +400,7 @@ def _read_layout(path, max_events):
             raise FcsError(path, f"TEXT segment of {text_end - text_start + 1} bytes is implausibly large")
         fh.seek(text_start)
         text = fh.read(text_end - text_start + 1).decode("latin-1")
-    pairs = _text_pairs(text)
+    pairs = text_pairs(text)
     keywords = {}
     for key, value in pairs:
         # flowio keeps the last of a repeated keyword; a file that says two

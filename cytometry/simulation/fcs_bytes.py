@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cytometry.loading.fcs import text_pairs
+
 _OFFSET_KEYWORDS = ("$BEGINDATA", "$ENDDATA")
 
 
@@ -132,18 +134,5 @@ def split_fcs(raw):
     """
     text_start, text_end, data_start, data_end = (int(raw[10 + 8 * k:18 + 8 * k].strip() or 0) for k in range(4))
     text = raw[text_start:text_end + 1].decode("latin-1")
-    delimiter = text[0]
-    fields, current, i = [], [], 1
-    while i < len(text):
-        if text[i] == delimiter:
-            if i + 1 < len(text) and text[i + 1] == delimiter:
-                current.append(delimiter)
-                i += 2
-                continue
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    pairs = tuple((fields[k], fields[k + 1]) for k in range(0, len(fields) - 1, 2))
-    return FcsParts(version=raw[:6], keywords=pairs, delimiter=delimiter, data=raw[data_start:data_end + 1])
+    pairs = tuple(text_pairs(text))
+    return FcsParts(version=raw[:6], keywords=pairs, delimiter=text[0], data=raw[data_start:data_end + 1])
