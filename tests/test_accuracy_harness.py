@@ -25,7 +25,7 @@ import pytest
 from cytometry.simulation.simulate import default_concentrations
 from cytometry.simulation.validation import (CAR_REFERENCE_CONDITIONS, CONDITIONS, IDEAL_CONDITIONS, REALISTIC_CONDITIONS,
                                   TubeRecord, evaluate_tube, select_conditions, simulate_condition_set, summarize,
-                                  summarize_by_condition)
+                                  summarize_by_condition, summarize_car)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +247,29 @@ def test_car_reference_conditions_acquire_the_reference_at_another_gain(tmp_path
     assert max(ratios) / min(ratios) > 1.5          # drawn per detector over the range, not a fixed drift
     for path, _, truth in tubes:
         assert Path(truth["pre_infusion_file"]).is_file() and truth["concentrations_per_ul"].get("car_t") is not None
+
+
+def test_car_summary_separates_the_draws_counting_noise_from_the_analysis_error(tmp_path):
+    # A perfect gate (singlet CAR+ events over singlet beads) is off the blood's truth by the
+    # draw's counting noise alone; the harness reports that floor and the count's distance to it.
+    (path, name, truth), = simulate_condition_set(tmp_path, 1, seed=3, conditions="car_ref_gain_0-60pct")
+    truth["concentrations_per_ul"]["car_t"] = max(truth["concentrations_per_ul"]["car_t"], 1.0)
+    entry = evaluate_tube(path, name, truth).populations["car_t"]
+    perfect = truth["singlet_events"]["car_t"] / truth["bead_events_singlet"] * truth["beads_per_test"] \
+        / truth["sample_volume_ul"]
+    assert entry["perfect_cells_per_ul"] == pytest.approx(perfect)
+    true_value = truth["concentrations_per_ul"]["car_t"]
+    assert entry["perfect_relative_error"] == pytest.approx(abs(perfect - true_value) / true_value)
+    if perfect:
+        assert entry["relative_error_to_perfect"] == pytest.approx(abs(entry["cells_per_ul"] - perfect) / perfect)
+
+    def record(true_events, measured, perfect_value):
+        return TubeRecord("a.fcs", "car_x", "ok", panel="car", populations={"car_t": {
+            "true_events": true_events, "true_cells_per_ul": 100.0, "cells_per_ul": measured, "inside": True,
+            "below_lloq": False, "relative_error": abs(measured - 100.0) / 100.0,
+            "perfect_cells_per_ul": perfect_value, "perfect_relative_error": abs(perfect_value - 100.0) / 100.0,
+            "relative_error_to_perfect": abs(measured - perfect_value) / perfect_value}})
+    table = summarize_car([record(400, 110.0, 110.0), record(400, 90.0, 100.0), record(50, 10.0, 100.0)])["all"]
+    assert table["n_error"] == 2                                   # the 50-event tube is left out
+    assert table["p95_perfect_rel_error"] == pytest.approx(np.percentile([0.10, 0.0], 95))
+    assert table["median_rel_error_to_perfect"] == pytest.approx(0.05)

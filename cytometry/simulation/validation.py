@@ -478,6 +478,16 @@ def evaluate_tube(path, condition, truth, options=None):
                          below_lloq=count.get("below_lloq"),
                          inside=bool(count["ci95"][0] <= true_value <= count["ci95"][1]),
                          relative_error=(abs(count["cells_per_ul"] - true_value) / true_value) if true_value else None)
+            singlets = truth.get("singlet_events", {}).get(population)
+            if singlets is not None and truth["bead_events_singlet"]:
+                # What a perfect gate reports (singlet events over singlet beads): its
+                # distance to the blood's truth is the draw's counting noise, which no
+                # analysis removes; the measured count's distance to it is the analysis' own.
+                perfect = singlets / truth["bead_events_singlet"] * truth["beads_per_test"] / truth["sample_volume_ul"]
+                entry.update(perfect_cells_per_ul=perfect,
+                             perfect_relative_error=(abs(perfect - true_value) / true_value) if true_value else None,
+                             relative_error_to_perfect=(abs(count["cells_per_ul"] - perfect) / perfect)
+                             if perfect else None)
         if population == "car_t":
             entry["f1_ideal_cut"] = _ideal_count_preserving_f1(gated, true_mask)
         record.populations[population] = entry
@@ -621,7 +631,11 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
     dict
         condition (and ``"all"``) -> ``n``, ``coverage`` (95 % intervals
         holding the truth), ``median_rel_error`` and ``p95_rel_error`` (over
-        ``n_error`` tubes with enough events), ``n_absent`` (tubes below
+        ``n_error`` tubes with enough events), ``p95_perfect_rel_error`` (the
+        same for a perfect gate: the blood draw's counting noise, a floor no
+        analysis goes below), ``median_rel_error_to_perfect`` and
+        ``p95_rel_error_to_perfect`` (the count against the perfect gate: the
+        analysis' own error), ``n_absent`` (tubes below
         ``absent_below_per_ul``) and ``false_persistence`` (of those, the
         ones reported at or above the LLOQ).
 
@@ -643,13 +657,19 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
             groups.setdefault(key, []).append(entry)
     table = {}
     for key, entries in groups.items():
-        errors = [e["relative_error"] for e in entries
+        enough = [e for e in entries
                   if e["true_events"] >= min_events_for_error and e.get("relative_error") is not None]
+        errors = [e["relative_error"] for e in enough]
+        floor = [e["perfect_relative_error"] for e in enough if e.get("perfect_relative_error") is not None]
+        own = [e["relative_error_to_perfect"] for e in enough if e.get("relative_error_to_perfect") is not None]
         absent = [e for e in entries if e["true_cells_per_ul"] < absent_below_per_ul]
         table[key] = {"n": len(entries), "coverage": float(np.mean([e["inside"] for e in entries])),
                       "n_error": len(errors),
                       "median_rel_error": float(np.median(errors)) if errors else None,
                       "p95_rel_error": float(np.percentile(errors, 95)) if errors else None,
+                      "p95_perfect_rel_error": float(np.percentile(floor, 95)) if floor else None,
+                      "median_rel_error_to_perfect": float(np.median(own)) if own else None,
+                      "p95_rel_error_to_perfect": float(np.percentile(own, 95)) if own else None,
                       "n_absent": len(absent),
                       "false_persistence": sum(1 for e in absent if e.get("below_lloq") is False)}
     if "all" in table:
