@@ -120,7 +120,8 @@ from scipy import stats
 
 from cytometry.counts import detection_limits
 from cytometry.decisions.subjects import AplasiaRule, kinetics
-from cytometry.simulation.simulate import _MANIFEST_COLUMNS, PANELS, _fmt_number, simulate_tube, write_tube
+from cytometry.simulation.simulate import (_MANIFEST_COLUMNS, PANELS, _fmt_number, perfect_gate_count, simulate_tube,
+                                           write_tube)
 from gating.auto import MIN_REFERENCE_TAIL_EVENTS, REFERENCE_TAIL_SHARE
 
 __all__ = ["SubjectSpec", "SUBJECTS", "BACKGROUND", "VISIT_DAYS", "make_cohort", "check_unambiguous",
@@ -386,13 +387,6 @@ def true_kinetics(spec, lloq_events=None, aplasia=None):
     return kinetics(points, aplasia or AplasiaRule())
 
 
-def _tube_value(truth, population):
-    """What a perfect gate reports: singlet events / singlet beads x beads per test / volume."""
-    events = truth["singlet_events"][population]
-    beads = truth["bead_events_singlet"]
-    return events / beads * truth["beads_per_test"] / truth["sample_volume_ul"], events
-
-
 def _seed(seed, *parts):
     return int(np.random.SeedSequence([int(seed), *parts]).generate_state(1)[0])
 
@@ -482,9 +476,9 @@ def make_cohort(out_dir, seed=2113, subjects=None):
             name = f"{spec.subject_id}_day{day:03d}_CAR.fcs"
             write_tube(tube, out_dir / name)
             truth = tube.truth
-            car_tube, car_events = _tube_value(truth, "car_t")
-            b_tube, b_events = _tube_value(truth, "b_cells")
-            t_tube, t_events = _tube_value(truth, "t_cells")
+            car_tube, car_events = perfect_gate_count(truth, "car_t")
+            b_tube, b_events = perfect_gate_count(truth, "b_cells")
+            t_tube, t_events = perfect_gate_count(truth, "t_cells")
             conc = truth["concentrations_per_ul"]
             expected_car = conc["car_t"] * volume * singlet_probability()
             if day == 0:
@@ -518,7 +512,7 @@ def make_cohort(out_dir, seed=2113, subjects=None):
                 write_tube(tbnk, out_dir / tname)
                 wrong = day in spec.wrong_lot_days
                 lot = WRONG_TBNK_LOT if wrong else TBNK_LOT
-                t_value, t_ev = _tube_value(tbnk.truth, "t_cells")
+                t_value, t_ev = perfect_gate_count(tbnk.truth, "t_cells")
                 subject["tbnk"].append({
                     "study_day": day, "file": tname, "blood_volume_ul": TBNK_VOLUME_UL,
                     "t_cells_per_ul": tbnk.truth["concentrations_per_ul"]["t_cells"],

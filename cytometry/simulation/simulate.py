@@ -1140,6 +1140,25 @@ def _split_off_nkt(conc, nkt_fraction, panel):
     return _complete_concentrations(leaves, panel)
 
 
+def perfect_gate_count(truth, population):
+    """What a perfect gate reports for a simulated tube: cells/µL and the events it rests on.
+
+    The tube's singlet events of ``population`` over its singlet beads, times
+    beads per test over the sample volume. Its distance to the blood's
+    concentration is the draw's counting noise, which no analysis removes.
+
+    Examples
+    --------
+    >>> truth = {"singlet_events": {"b_cells": 120}, "bead_events_singlet": 3000, "beads_per_test": 50000.0,
+    ...          "sample_volume_ul": 50.0}
+    >>> perfect_gate_count(truth, "b_cells")
+    (40.0, 120)
+    """
+    events = truth["singlet_events"][population]
+    beads = truth["bead_events_singlet"]
+    return events / beads * truth["beads_per_test"] / truth["sample_volume_ul"], events
+
+
 def _photoelectron_yield(entries, photoelectrons_per_unit, gain):
     """Photoelectrons per raw unit of each panel detector, after its gain."""
     yields = dict(PHOTOELECTRONS_PER_UNIT)

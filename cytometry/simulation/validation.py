@@ -24,7 +24,7 @@ import numpy as np
 from cytometry.analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, car_reference_of, gate_file,
                                 with_car_reference)
 from cytometry.simulation.simulate import POPULATION_LABELS as SIMULATED_POPULATIONS
-from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
+from cytometry.simulation.simulate import default_concentrations, perfect_gate_count, simulate_tube, write_tube
 from gating import POPULATIONS
 
 #: Which truth labels make up each reported population (the simulator's own
@@ -478,12 +478,10 @@ def evaluate_tube(path, condition, truth, options=None):
                          below_lloq=count.get("below_lloq"),
                          inside=bool(count["ci95"][0] <= true_value <= count["ci95"][1]),
                          relative_error=(abs(count["cells_per_ul"] - true_value) / true_value) if true_value else None)
-            singlets = truth.get("singlet_events", {}).get(population)
-            if singlets is not None and truth["bead_events_singlet"]:
-                # What a perfect gate reports (singlet events over singlet beads): its
-                # distance to the blood's truth is the draw's counting noise, which no
-                # analysis removes; the measured count's distance to it is the analysis' own.
-                perfect = singlets / truth["bead_events_singlet"] * truth["beads_per_test"] / truth["sample_volume_ul"]
+            if population in truth.get("singlet_events", {}) and truth["bead_events_singlet"]:
+                # The measured count's distance to a perfect gate is the analysis' own
+                # error; the perfect gate's to the blood's truth, the draw's counting noise.
+                perfect, _ = perfect_gate_count(truth, population)
                 entry.update(perfect_cells_per_ul=perfect,
                              perfect_relative_error=(abs(perfect - true_value) / true_value) if true_value else None,
                              relative_error_to_perfect=(abs(count["cells_per_ul"] - perfect) / perfect)
