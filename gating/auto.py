@@ -371,114 +371,141 @@ def _even_subsample(ascending, size):
     return ascending[np.round(np.linspace(0, ascending.size - 1, size)).astype(int)]
 
 
-def _extrapolate_convolved(descending, cut, excess, reference_ascending, scale, replicates=1, fit_cut=None):
-    """Scale the ``excess`` positives above ``cut`` to all positives: the negatives' spread plus a signal.
+def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, reference_ascending, tail_events,
+                   scale, sample_replicates=1, replicates=1):
+    """The positives above ``cut`` and their share of all positives, the negatives above it fitted too.
+
+    Above the counting cut lie ``A`` events: the positives' bright part and
+    some negatives, ``E`` expected from the reference's tail. ``E`` rests on
+    the reference's few tail events (5-7 of them: off by half or twice as
+    many), and negatives the positives' shape fit took for their dim side
+    would inflate the extrapolation several times over. The events above
+    the cut are therefore fitted as a mixture, on the linear scale: ``N``
+    negatives, whose density falls off from the cut as the reference's own
+    tail does (exponentially, at the mean excess of the reference's events
+    above a threshold a little below the cut: a local property, resting on
+    ~3 times as many reference events as ``E``), and ``A - N`` positives,
+    truncated at the cut.
 
     A CAR+ cell is measured with everything that spreads a negative cell's
-    value - electronic noise, the spreading of other detectors' light -
-    on top of its own level (CAR-reagent signal and autofluorescence). On
-    the linear scale its value is therefore a positive level plus a draw
-    of the negatives' deviations about their median, and the positives'
-    distribution is the level's distribution convolved with those
-    deviations (known from the reference, normalised to this tube). The
-    level is taken as lognormal (median ``e^μ``, log-SD ``σ``), fitted by
-    maximum likelihood to the ``excess`` brightest events truncated at
-    ``cut``; the convolution's share above ``cut`` scales the excess.
-    Where the negatives spread widely (spillover spreading), this gives the
-    positives the long dim side that a Gaussian on the display scale
-    misses. The level's median is held at or above the cut (a population
-    mostly below the cut cannot be extrapolated from its upper part), and
-    the share's SD comes from the observed information by the delta
-    method, as in :func:`_extrapolate_positives`.
+    value - electronic noise, the spreading of other detectors' light - on
+    top of its own level (CAR-reagent signal and autofluorescence): on the
+    linear scale a positive level (lognormal, median ``e^mu``, log-SD
+    ``sigma``) plus a draw of the negatives' deviations about their median
+    (the normalised reference's). Where the negatives spread widely
+    (spillover spreading) this gives the positives the long dim side that a
+    Gaussian on the display scale misses. The level's median is held at or
+    above the cut (a population mostly below the cut cannot be extrapolated
+    from its upper part); the model's share above the cut scales ``A - N``
+    to all positives, and the SDs come from the observed information (the
+    likelihood's curvature) by the delta method. ``N`` is free
+    but held to ``E`` by a Gaussian prior of the reference's sampling
+    variance ``negatives_variance``: where the events just above the cut
+    pile up as negatives do, more of them are negatives than ``E`` says.
 
-    ``scale`` is ``(forward, inverse)``: the display transform and its
-    inverse (linear units); ``replicates``: noise replicates per event in
-    ``descending`` (the likelihood counts each event once). ``fit_cut``:
-    fit the level to all events above this higher cut instead (truncated
-    there: above it the negatives are too few to bend the shape), and
-    still scale the excess by the share above ``cut``. Returns
-    ``(share_above, centre, σ_display,
-    share_sd, positives)``, centre and σ_display the modelled positives'
-    median and lower-flank spread on the display scale.
+    ``descending`` holds ``sample_replicates`` noise replicates per event,
+    ``reference_ascending`` ``replicates`` per reference event (normalised
+    to this tube, display scale); ``expected_negatives`` and
+    ``negatives_variance`` are in the tube's own events.
+
+    Returns ``(share_above, centre, σ_display, share_sd, positives_above,
+    negatives, negatives_sd, positives_sd)`` in the tube's own events,
+    ``positives_sd`` the fit's SD of all positives, ``(A − N) / share``.
 
     Examples
     --------
-    >>> rng = np.random.default_rng(4)
-    >>> spread = rng.normal(0.0, 300.0, 4000)                      # wide negatives (spreading)
-    >>> positives = 1500.0 * np.exp(0.9 * rng.standard_normal(2000)) + rng.normal(0.0, 300.0, 2000)
-    >>> cut = 900.0
-    >>> descending = np.sort(positives)[::-1]
-    >>> share, *_ , estimate = _extrapolate_convolved(descending, cut, float((positives >= cut).sum()),
-    ...                                                np.sort(spread), (lambda v: v, lambda v: v))
-    >>> bool(abs(estimate - 2000) < 100), bool(abs(share - np.mean(positives >= cut)) < 0.03)
+    >>> rng = np.random.default_rng(6)
+    >>> reference = np.sort(rng.normal(150.0, 90.0, 7000))
+    >>> negatives = rng.normal(150.0, 90.0, 20000)            # as the reference
+    >>> positives = 1800.0 * np.exp(0.9 * rng.standard_normal(150)) + rng.normal(0.0, 90.0, 150)
+    >>> descending = np.sort(np.concatenate([negatives, positives]))[::-1]
+    >>> cut = float(reference[-7])
+    >>> expected = 20000 * 7 / 7001
+    >>> share, _, _, _, above, found, _, _ = _fit_above_cut(descending, cut, expected, expected + expected ** 2 / 7,
+    ...                                                     reference, 7, (lambda v: v, lambda v: v))
+    >>> true_above = int((positives >= cut).sum())
+    >>> bool(abs(above - true_above) < 15), bool(abs(above / share - 150) < 30)
     (True, True)
     """
     from scipy.optimize import minimize
-    from scipy.special import ndtr, ndtri
+    from scipy.special import ndtr
 
     forward, inverse = scale
-    if fit_cut is None:
-        bright = descending[:max(int(round(excess)), 2)]
-        bright = bright[bright >= cut]
-    else:
-        bright = descending[descending >= fit_cut]
-    weight = bright.size / max(min(bright.size, CONVOLUTION_POINTS), 1) / replicates
+    r = float(sample_replicates)
+    bright = descending[descending >= cut]
+    total = bright.size / r
     y = inverse(_even_subsample(bright[::-1], CONVOLUTION_POINTS))
-    negatives = inverse(_even_subsample(reference_ascending, CONVOLUTION_POINTS))
-    # The negatives' spread about their centre (noise, spreading): the
-    # signal's level, lognormal, includes the cell's own autofluorescence.
-    negatives = negatives - float(np.median(negatives))
+    weight = bright.size / max(y.size, 1) / r
     cut_linear = float(inverse(np.array([cut]))[0])
-    truncation = cut_linear if fit_cut is None else float(inverse(np.array([fit_cut]))[0])
-    negative_median = 0.0
-    difference = y[:, None] - negatives[None, :]
+    # The negatives' fall-off above the cut: the reference's mean excess over
+    # its (3k)-th largest value, k its tail events above the counting cut.
+    reference_descending = inverse(reference_ascending[::-1])
+    local = min(max(3 * int(tail_events), 20 * int(replicates)), reference_descending.size)
+    threshold = float(reference_descending[local - 1])
+    decay = max(float(np.mean(reference_descending[:local] - threshold)), 1e-6)
+    negative_density = np.exp(-(y - cut_linear) / decay) / decay
+    deviations = inverse(_even_subsample(reference_ascending, CONVOLUTION_POINTS))
+    deviations = deviations - float(np.median(deviations))
+    difference = y[:, None] - deviations[None, :]
     inside = difference > 0
     log_difference = np.log(np.where(inside, difference, 1.0))
-    mu_floor = float(np.log(max(cut_linear - negative_median, 1e-3)))
+    headroom = cut_linear - deviations
+    log_headroom = np.log(np.where(headroom > 0, headroom, 1.0))
 
-    def share_above_of(level):
-        headroom = level - negatives
-        log_headroom = np.log(np.where(headroom > 0, headroom, 1.0))
+    def share(mu, log_sd):
+        z = (log_headroom - mu) / np.exp(log_sd)
+        return float(np.mean(np.where(headroom > 0, 1.0 - ndtr(z), 1.0)))
 
-        def share(mu, log_sd):
-            z = (log_headroom - mu) / np.exp(log_sd)
-            return float(np.mean(np.where(headroom > 0, 1.0 - ndtr(z), 1.0)))
-        return share
-
-    share = share_above_of(cut_linear)
-    truncated_share = share if fit_cut is None else share_above_of(truncation)
+    # A Gaussian prior centred on E: where the events above the cut say
+    # nothing about which are negatives, the estimate is E (a Gamma prior of
+    # the same variance, the tail share's own skew, has its mode below E and
+    # pulls the negatives down where the data are silent).
+    prior_sd = float(np.sqrt(max(negatives_variance, 1e-9)))
 
     def negative_log_likelihood(parameters):
-        mu, log_sd = parameters
+        mu, log_sd, negatives = parameters
         sd = np.exp(log_sd)
         z = (log_difference - mu) / sd
         density = np.where(inside, np.exp(-0.5 * z * z - log_difference), 0.0).mean(axis=1) / (sd * np.sqrt(2 * np.pi))
-        return weight * float(-np.sum(np.log(np.maximum(density, 1e-300)))) + \
-            bright.size / replicates * np.log(max(truncated_share(mu, log_sd), 1e-300))
+        rate = negatives * negative_density + max(total - negatives, 1e-9) * density / max(share(mu, log_sd), 1e-300)
+        return -weight * float(np.sum(np.log(np.maximum(rate, 1e-300)))) + \
+            0.5 * ((negatives - expected_negatives) / prior_sd) ** 2
 
-    start_signal = np.maximum(y - negative_median, 1.0)
-    start = [max(float(np.median(np.log(start_signal))), mu_floor),
-             float(np.log(np.clip(np.std(np.log(start_signal)), 0.1, 2.0)))]
-    bounds = [(mu_floor, None), (np.log(0.02), np.log(5.0))]
+    mu_floor = float(np.log(max(cut_linear, 1e-3)))
+    level = np.log(np.maximum(y - float(np.median(inverse(reference_ascending))), 1.0))
+    start = [max(float(np.median(level)), mu_floor), float(np.log(np.clip(np.std(level), 0.1, 2.0))),
+             float(min(expected_negatives, 0.5 * total))]
+    bounds = [(mu_floor, None), (np.log(0.02), np.log(5.0)), (0.0, 0.99 * total)]
     fit = minimize(negative_log_likelihood, start, method="L-BFGS-B", bounds=bounds)
-    mu, log_sd = (float(v) for v in fit.x)
+    mu, log_sd, negatives = (float(v) for v in fit.x)
     share_above = share(mu, log_sd)
-    steps = np.array([0.02, 0.02])
-    hessian = _central_hessian(negative_log_likelihood, (mu, log_sd), steps)
-    gradient = np.array([(share(mu + steps[0], log_sd) - share(mu - steps[0], log_sd)) / (2 * steps[0]),
-                         (share(mu, log_sd + steps[1]) - share(mu, log_sd - steps[1])) / (2 * steps[1])])
+    above = total - negatives
+    steps = np.array([0.02, 0.02, max(0.05 * prior_sd, 0.05)])
+    hessian = _central_hessian(negative_log_likelihood, (mu, log_sd, negatives), steps)
+    share_gradient = np.array([(share(mu + steps[0], log_sd) - share(mu - steps[0], log_sd)) / (2 * steps[0]),
+                               (share(mu, log_sd + steps[1]) - share(mu, log_sd - steps[1])) / (2 * steps[1]), 0.0])
+    # all positives = (A − N) / share: its gradient in (μ, log σ, N)
+    gradient = np.array([-above / share_above ** 2 * share_gradient[0], -above / share_above ** 2 * share_gradient[1],
+                         -1.0 / share_above])
     try:
-        share_var = float(gradient @ np.linalg.inv(hessian) @ gradient)
+        covariance = np.linalg.inv(hessian)
+        share_var = float(share_gradient @ covariance @ share_gradient)
+        negatives_var = float(covariance[2, 2])
+        positives_var = float(gradient @ covariance @ gradient)
     except np.linalg.LinAlgError:
-        share_var = float("nan")
+        share_var = negatives_var = positives_var = float("nan")
     if not np.isfinite(share_var) or share_var < 0:
         share_var = (0.5 * share_above) ** 2   # an ill-posed fit: say so in the interval
-    # The modelled positives on the display scale, for the negatives' CDF.
+    if not np.isfinite(negatives_var) or negatives_var < 0:
+        negatives_var = prior_sd ** 2
+    if not np.isfinite(positives_var) or positives_var < 0:
+        positives_var = (0.5 * above / share_above) ** 2
+    from scipy.special import ndtri
     z = ndtri((np.arange(SIGNAL_POINTS) + 0.5) / SIGNAL_POINTS)
-    modelled = (negatives[:, None] + np.exp(mu + np.exp(log_sd) * z)[None, :]).ravel()
+    modelled = (deviations[:, None] + np.exp(mu + np.exp(log_sd) * z)[None, :]).ravel()
     low, median = forward(np.quantile(modelled, [ndtr(-1.0), 0.5]))
-    return share_above, float(median), float(max(median - low, 1e-6)), float(np.sqrt(share_var)), \
-        excess / share_above
+    return (share_above, float(median), float(max(median - low, 1e-6)), float(np.sqrt(share_var)), above, negatives,
+            float(np.sqrt(negatives_var)), float(np.sqrt(positives_var)))
 
 
 #: Share of the reference above the highest counting cut, and the fewest
@@ -540,11 +567,12 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         variance are reported in the tube's own events.
     scale : (callable, callable), optional
         The display transform of ``values`` and its inverse (to linear
-        units). Given, step 3 models the positives as the reference's
-        negatives plus a lognormal signal on the linear scale
-        (:func:`_extrapolate_convolved`: the dim side that spillover
-        spreading gives them); without it, as a Gaussian on the display
-        scale.
+        units). Given, steps 2 and 3 are one fit of the events above ``c``
+        (:func:`_fit_above_cut`): the negatives there (``E`` their prior,
+        the reference's sampling variance its spread) and the positives as
+        the reference's negatives plus a lognormal signal on the linear
+        scale (the dim side that spillover spreading gives them); without
+        it, ``A − E`` is extrapolated by a Gaussian on the display scale.
 
     Returns
     -------
@@ -557,7 +585,9 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         themselves (negatives above ``c``, the reference's own tail, the
         extrapolation); ``upper_positive_events``: with too few positives
         to extrapolate, twice ``A − E`` (half of a population centred at
-        or above ``c`` may lie below it), else the estimate.
+        or above ``c`` may lie below it), else the estimate;
+        ``fitted_negatives_above_cut``: the negatives above ``c`` by the
+        fit (``None`` without ``scale`` or a shape).
 
     Examples
     --------
@@ -589,33 +619,33 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         excess = max(above - expected_negatives, 0.0)
         share_above, center, spread, share_sd = 1.0, None, None, 0.0
         positives = excess
-        if excess >= min_shape_events * sample_replicates:
-            if scale is None:
-                share_above, center, spread, share_sd, positives = _extrapolate_positives(descending, cut, excess)
-            else:
-                # The shape from the events where fewer than one negative is
-                # expected (above the reference's j-th largest, j = its size
-                # over the negatives'), when there are enough of them: the
-                # negatives just above the counting cut, more or fewer than
-                # expected, then do not bend it.
-                j = int((reference.size + 1) // max((1.0 - fraction) * n, 1.0))
-                fit_cut = float(reference_descending[max(j, 1) - 1]) + shift
-                clean = int(n - np.searchsorted(ascending, fit_cut, side="left"))
-                share_above, center, spread, share_sd, positives = _extrapolate_convolved(
-                    descending, cut, excess, reference_descending[::-1] + shift, scale, sample_replicates,
-                    fit_cut=fit_cut if clean >= min_shape_events * sample_replicates else None)
+        fitted_negatives, fitted_sd = None, None
+        own_expected = expected_negatives / sample_replicates
+        background = own_expected + own_expected ** 2 / (tail_events / replicates)
+        if excess >= min_shape_events * sample_replicates and scale is not None:
+            (share_above, center, spread, share_sd, own_above, fitted_negatives, _,
+             fitted_sd) = _fit_above_cut(descending, cut, own_expected, background, reference_descending[::-1] + shift,
+                                         tail_events, scale, sample_replicates, replicates)
+            excess = own_above * sample_replicates
+            positives = excess / share_above
+        elif excess >= min_shape_events * sample_replicates:
+            share_above, center, spread, share_sd, positives = _extrapolate_positives(descending, cut, excess)
         # in the tube's own events (values may hold noise replicates)
-        own_positives, own_negatives = positives / sample_replicates, expected_negatives / sample_replicates
-        background = own_negatives + own_negatives ** 2 / (tail_events / replicates)
-        statistical = own_positives * (1.0 - share_above) / share_above + \
-            (own_positives * share_sd / share_above) ** 2 + background / share_above ** 2
+        own_positives = positives / sample_replicates
+        if fitted_sd is not None:
+            # the fit's SD covers the shape and the negatives above the cut
+            statistical = own_positives * (1.0 - share_above) / share_above + fitted_sd ** 2
+        else:
+            statistical = own_positives * (1.0 - share_above) / share_above + \
+                (own_positives * share_sd / share_above) ** 2 + background / share_above ** 2
         # The positives below the cut come from a model of their shape
         # (its dim side is what spreading widens most): half of them is one
         # more SD, so that the interval reaches from none to twice as many.
         model = ((positives - excess) / 2.0 / sample_replicates) ** 2
         return dict(tail_events=tail_events, cut=cut, above=above, expected_negatives=expected_negatives,
                     excess=excess, share_above=share_above, center=center, spread=spread, share_sd=share_sd,
-                    positives=positives, variance=statistical + model, model_variance=model)
+                    positives=positives, variance=statistical + model, model_variance=model,
+                    fitted_negatives=fitted_negatives)
 
     for _ in range(iterations):
         shift = float(np.median(_negative_quantiles(ascending, probabilities, fraction, center, spread)
@@ -637,6 +667,8 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
     info = {"reference_shift": round(shift, 6), "counting_cut": round(chosen["cut"], 6),
             "events_above_cut": round(chosen["above"] / r, 2), "upper_positive_events": round(upper, 2),
             "expected_negatives_above_cut": round(chosen["expected_negatives"] / r, 2),
+            "fitted_negatives_above_cut": (round(chosen["fitted_negatives"], 2)
+                                           if chosen["fitted_negatives"] is not None else None),
             "reference_tail_events": round(chosen["tail_events"] / replicates, 2),
             "reference_tail_share": round(chosen["tail_events"] / reference.size, 5),
             # the counting cut's background: what the tube's LOD/LLOQ rest on
