@@ -89,6 +89,11 @@ def print_car_table(records, out=sys.stdout):
               f"{_fmt(row['p95_perfect_rel_error'], '{:6.1%}')} | {_fmt(row['median_rel_error_to_perfect'], '{:7.1%}')} "
               f"{_fmt(row['p95_rel_error_to_perfect'], '{:7.1%}')} | "
               f"{row['n_absent']:7d} {row['false_persistence']:6d}", file=out)
+    for name, row in table.items():
+        if row["n_low"]:
+            se = f" +/- {row['low_level_bias_se']:.1%}" if row["low_level_bias_se"] is not None else ""
+            print(f"  {name}: low levels (13-99 true CAR+ events, {row['n_low']} tubes): mean signed error against "
+                  f"the perfect gate {row['low_level_bias']:+.1%}{se}", file=out)
     print("CI cover: share of 95% intervals holding the true CAR+ cells/uL; med/p95 err over tubes with >= 100 true "
           "CAR+ events; p95 pg: the same for a perfect gate (singlet CAR+ events over singlet beads: the blood draw's "
           "counting noise, a floor); med/p95 own: the count against that perfect gate (the analysis' own error); "

@@ -262,14 +262,18 @@ def test_car_summary_separates_the_draws_counting_noise_from_the_analysis_error(
     assert entry["perfect_relative_error"] == pytest.approx(abs(perfect - true_value) / true_value)
     if perfect:
         assert entry["relative_error_to_perfect"] == pytest.approx(abs(entry["cells_per_ul"] - perfect) / perfect)
+        assert entry["signed_error_to_perfect"] == pytest.approx((entry["cells_per_ul"] - perfect) / perfect)
 
     def record(true_events, measured, perfect_value):
         return TubeRecord("a.fcs", "car_x", "ok", panel="car", populations={"car_t": {
             "true_events": true_events, "true_cells_per_ul": 100.0, "cells_per_ul": measured, "inside": True,
             "below_lloq": False, "relative_error": abs(measured - 100.0) / 100.0,
             "perfect_cells_per_ul": perfect_value, "perfect_relative_error": abs(perfect_value - 100.0) / 100.0,
-            "relative_error_to_perfect": abs(measured - perfect_value) / perfect_value}})
+            "relative_error_to_perfect": abs(measured - perfect_value) / perfect_value,
+            "signed_error_to_perfect": (measured - perfect_value) / perfect_value}})
     table = summarize_car([record(400, 110.0, 110.0), record(400, 90.0, 100.0), record(50, 10.0, 100.0)])["all"]
     assert table["n_error"] == 2                                   # the 50-event tube is left out
     assert table["p95_perfect_rel_error"] == pytest.approx(np.percentile([0.10, 0.0], 95))
     assert table["median_rel_error_to_perfect"] == pytest.approx(0.05)
+    # the low levels' bias: the 50-event tube's signed error against its perfect gate (-90%)
+    assert table["n_low"] == 1 and table["low_level_bias"] == pytest.approx(-0.9)

@@ -485,6 +485,8 @@ def evaluate_tube(path, condition, truth, options=None):
                 entry.update(perfect_cells_per_ul=perfect,
                              perfect_relative_error=(abs(perfect - true_value) / true_value) if true_value else None,
                              relative_error_to_perfect=(abs(count["cells_per_ul"] - perfect) / perfect)
+                             if perfect else None,
+                             signed_error_to_perfect=((count["cells_per_ul"] - perfect) / perfect)
                              if perfect else None)
         if population == "car_t":
             entry["f1_ideal_cut"] = _ideal_count_preserving_f1(gated, true_mask)
@@ -611,7 +613,7 @@ def wrong_verdict(record):
     return record.verdict == ("not_eligible" if record.eligibility_truth else "eligible")
 
 
-def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
+def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, low_level_events=13):
     """CAR+ accuracy of the tubes counted against a pre-infusion reference, per condition and overall.
 
     Parameters
@@ -623,6 +625,9 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
     absent_below_per_ul : float
         Tubes whose true CAR+ is below this many cells/µL must read "below
         LLOQ": one that does not is a false persistence.
+    low_level_events : int
+        The low levels' bias is taken over tubes from this many true CAR+
+        events (a published flow assay's LOD is ~13) up to ``min_events_for_error``.
 
     Returns
     -------
@@ -633,7 +638,11 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
         same for a perfect gate: the blood draw's counting noise, a floor no
         analysis goes below), ``median_rel_error_to_perfect`` and
         ``p95_rel_error_to_perfect`` (the count against the perfect gate: the
-        analysis' own error), ``n_absent`` (tubes below
+        analysis' own error), ``low_level_bias`` and ``low_level_bias_se``
+        (mean signed error against the perfect gate, and its standard error,
+        over the ``n_low`` tubes with ``low_level_events`` to
+        ``min_events_for_error`` true CAR+ events: a bias at low levels),
+        ``n_absent`` (tubes below
         ``absent_below_per_ul``) and ``false_persistence`` (of those, the
         ones reported at or above the LLOQ).
 
@@ -661,6 +670,10 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
         floor = [e["perfect_relative_error"] for e in enough if e.get("perfect_relative_error") is not None]
         own = [e["relative_error_to_perfect"] for e in enough if e.get("relative_error_to_perfect") is not None]
         absent = [e for e in entries if e["true_cells_per_ul"] < absent_below_per_ul]
+        # low levels: from the published LOD (~13 events) to where errors are tabulated
+        low = [e["signed_error_to_perfect"] for e in entries
+               if low_level_events <= e["true_events"] < min_events_for_error
+               and e.get("signed_error_to_perfect") is not None]
         table[key] = {"n": len(entries), "coverage": float(np.mean([e["inside"] for e in entries])),
                       "n_error": len(errors),
                       "median_rel_error": float(np.median(errors)) if errors else None,
@@ -668,6 +681,9 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0):
                       "p95_perfect_rel_error": float(np.percentile(floor, 95)) if floor else None,
                       "median_rel_error_to_perfect": float(np.median(own)) if own else None,
                       "p95_rel_error_to_perfect": float(np.percentile(own, 95)) if own else None,
+                      "n_low": len(low),
+                      "low_level_bias": float(np.mean(low)) if low else None,
+                      "low_level_bias_se": float(np.std(low, ddof=1) / np.sqrt(len(low))) if len(low) > 1 else None,
                       "n_absent": len(absent),
                       "false_persistence": sum(1 for e in absent if e.get("below_lloq") is False)}
     if "all" in table:
