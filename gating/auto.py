@@ -428,7 +428,7 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     (True, True)
     """
     from scipy.optimize import minimize
-    from scipy.special import ndtr
+    from scipy.special import ndtr, ndtri
 
     forward, inverse = scale
     r = float(sample_replicates)
@@ -500,7 +500,6 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
         negatives_var = prior_sd ** 2
     if not np.isfinite(positives_var) or positives_var < 0:
         positives_var = (0.5 * above / share_above) ** 2
-    from scipy.special import ndtri
     z = ndtri((np.arange(SIGNAL_POINTS) + 0.5) / SIGNAL_POINTS)
     modelled = (deviations[:, None] + np.exp(mu + np.exp(log_sd) * z)[None, :]).ravel()
     low, median = forward(np.quantile(modelled, [ndtr(-1.0), 0.5]))
