@@ -408,9 +408,9 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     to this tube, display scale); ``expected_negatives`` and
     ``negatives_variance`` are in the tube's own events.
 
-    Returns ``(share_above, centre, σ_display, share_sd, positives_above,
-    negatives, negatives_sd, positives_sd)`` in the tube's own events,
-    ``positives_sd`` the fit's SD of all positives, ``(A − N) / share``.
+    Returns ``(share_above, centre, σ_display, positives_above, negatives,
+    positives_sd)`` in the tube's own events, ``positives_sd`` the fit's SD
+    of all positives, ``(A − N) / share`` (shape and ``N`` together).
 
     Examples
     --------
@@ -421,8 +421,8 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     >>> descending = np.sort(np.concatenate([negatives, positives]))[::-1]
     >>> cut = float(reference[-7])
     >>> expected = 20000 * 7 / 7001
-    >>> share, _, _, _, above, found, _, _ = _fit_above_cut(descending, cut, expected, expected + expected ** 2 / 7,
-    ...                                                     reference, 7, (lambda v: v, lambda v: v))
+    >>> share, _, _, above, found, _ = _fit_above_cut(descending, cut, expected, expected + expected ** 2 / 7,
+    ...                                               reference, 7, (lambda v: v, lambda v: v))
     >>> true_above = int((positives >= cut).sum())
     >>> bool(abs(above - true_above) < 15), bool(abs(above / share - 150) < 30)
     (True, True)
@@ -483,28 +483,19 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     steps = np.array([0.02, 0.02, max(0.05 * prior_sd, 0.05)])
     hessian = _central_hessian(negative_log_likelihood, (mu, log_sd, negatives), steps)
     share_gradient = np.array([(share(mu + steps[0], log_sd) - share(mu - steps[0], log_sd)) / (2 * steps[0]),
-                               (share(mu, log_sd + steps[1]) - share(mu, log_sd - steps[1])) / (2 * steps[1]), 0.0])
+                               (share(mu, log_sd + steps[1]) - share(mu, log_sd - steps[1])) / (2 * steps[1])])
     # all positives = (A − N) / share: its gradient in (μ, log σ, N)
-    gradient = np.array([-above / share_above ** 2 * share_gradient[0], -above / share_above ** 2 * share_gradient[1],
-                         -1.0 / share_above])
+    gradient = np.append(-above / share_above ** 2 * share_gradient, -1.0 / share_above)
     try:
-        covariance = np.linalg.inv(hessian)
-        share_var = float(share_gradient @ covariance @ share_gradient)
-        negatives_var = float(covariance[2, 2])
-        positives_var = float(gradient @ covariance @ gradient)
+        positives_var = float(gradient @ np.linalg.inv(hessian) @ gradient)
     except np.linalg.LinAlgError:
-        share_var = negatives_var = positives_var = float("nan")
-    if not np.isfinite(share_var) or share_var < 0:
-        share_var = (0.5 * share_above) ** 2   # an ill-posed fit: say so in the interval
-    if not np.isfinite(negatives_var) or negatives_var < 0:
-        negatives_var = prior_sd ** 2
+        positives_var = float("nan")
     if not np.isfinite(positives_var) or positives_var < 0:
-        positives_var = (0.5 * above / share_above) ** 2
+        positives_var = (0.5 * above / share_above) ** 2   # an ill-posed fit: say so in the interval
     z = ndtri((np.arange(SIGNAL_POINTS) + 0.5) / SIGNAL_POINTS)
     modelled = (deviations[:, None] + np.exp(mu + np.exp(log_sd) * z)[None, :]).ravel()
     low, median = forward(np.quantile(modelled, [ndtr(-1.0), 0.5]))
-    return (share_above, float(median), float(max(median - low, 1e-6)), float(np.sqrt(share_var)), above, negatives,
-            float(np.sqrt(negatives_var)), float(np.sqrt(positives_var)))
+    return share_above, float(median), float(max(median - low, 1e-6)), above, negatives, float(np.sqrt(positives_var))
 
 
 #: Share of the reference above the highest counting cut, and the fewest
@@ -622,9 +613,9 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         own_expected = expected_negatives / sample_replicates
         background = own_expected + own_expected ** 2 / (tail_events / replicates)
         if excess >= min_shape_events * sample_replicates and scale is not None:
-            (share_above, center, spread, share_sd, own_above, fitted_negatives, _,
-             fitted_sd) = _fit_above_cut(descending, cut, own_expected, background, reference_descending[::-1] + shift,
-                                         tail_events, scale, sample_replicates, replicates)
+            share_above, center, spread, own_above, fitted_negatives, fitted_sd = _fit_above_cut(
+                descending, cut, own_expected, background, reference_descending[::-1] + shift, tail_events, scale,
+                sample_replicates, replicates)
             excess = own_above * sample_replicates
             positives = excess / share_above
         elif excess >= min_shape_events * sample_replicates:
@@ -642,7 +633,7 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         # more SD, so that the interval reaches from none to twice as many.
         model = ((positives - excess) / 2.0 / sample_replicates) ** 2
         return dict(tail_events=tail_events, cut=cut, above=above, expected_negatives=expected_negatives,
-                    excess=excess, share_above=share_above, center=center, spread=spread, share_sd=share_sd,
+                    excess=excess, share_above=share_above, center=center, spread=spread,
                     positives=positives, variance=statistical + model, model_variance=model,
                     fitted_negatives=fitted_negatives)
 

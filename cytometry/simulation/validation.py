@@ -482,12 +482,11 @@ def evaluate_tube(path, condition, truth, options=None):
                 # The measured count's distance to a perfect gate is the analysis' own
                 # error; the perfect gate's to the blood's truth, the draw's counting noise.
                 perfect, _ = perfect_gate_count(truth, population)
+                signed = (count["cells_per_ul"] - perfect) / perfect if perfect else None
                 entry.update(perfect_cells_per_ul=perfect,
                              perfect_relative_error=(abs(perfect - true_value) / true_value) if true_value else None,
-                             relative_error_to_perfect=(abs(count["cells_per_ul"] - perfect) / perfect)
-                             if perfect else None,
-                             signed_error_to_perfect=((count["cells_per_ul"] - perfect) / perfect)
-                             if perfect else None)
+                             signed_error_to_perfect=signed,
+                             relative_error_to_perfect=abs(signed) if signed is not None else None)
         if population == "car_t":
             entry["f1_ideal_cut"] = _ideal_count_preserving_f1(gated, true_mask)
         record.populations[population] = entry
