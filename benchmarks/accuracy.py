@@ -94,6 +94,12 @@ def print_car_table(records, out=sys.stdout):
             se = f" +/- {row['low_level_bias_se']:.1%}" if row["low_level_bias_se"] is not None else ""
             print(f"  {name}: low levels (13-99 true CAR+ events, {row['n_low']} tubes): mean signed error against "
                   f"the perfect gate {row['low_level_bias']:+.1%}{se}", file=out)
+    for name, row in table.items():
+        if row["shape_error_correlation"] is not None:
+            print(f"  {name}: positives' shape ({row['n_shape']} tubes >= 100 events, shape fitted): log-SD median "
+                  f"{row['shape_log_sd']:.2f}, scatter {row['shape_log_sd_scatter']:.2f}, fit's SE median "
+                  f"{_fmt(row['shape_log_sd_se'], '{:.2f}')}; r(error against the perfect gate, fitted log-SD) "
+                  f"= {row['shape_error_correlation']:+.2f}", file=out)
     print("CI cover: share of 95% intervals holding the true CAR+ cells/uL; med/p95 err over tubes with >= 100 true "
           "CAR+ events; p95 pg: the same for a perfect gate (singlet CAR+ events over singlet beads: the blood draw's "
           "counting noise, a floor); med/p95 own: the count against that perfect gate (the analysis' own error); "

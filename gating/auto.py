@@ -409,8 +409,12 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     ``negatives_variance`` are in the tube's own events.
 
     Returns ``(share_above, centre, σ_display, positives_above, negatives,
-    positives_sd)`` in the tube's own events, ``positives_sd`` the fit's SD
-    of all positives, ``(A − N) / share`` (shape and ``N`` together).
+    positives_sd, level)`` in the tube's own events, ``positives_sd`` the
+    fit's SD of all positives, ``(A − N) / share`` (shape and ``N``
+    together), ``level`` the fitted CAR signal: its ``median`` (linear
+    units), ``log_sd`` and that log-SD's standard error ``log_sd_se`` (from
+    the same curvature). The log-SD does not change with detector gain, and
+    its error is what the extrapolation's error mostly follows.
 
     Examples
     --------
@@ -421,11 +425,13 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     >>> descending = np.sort(np.concatenate([negatives, positives]))[::-1]
     >>> cut = float(reference[-7])
     >>> expected = 20000 * 7 / 7001
-    >>> share, _, _, above, found, _ = _fit_above_cut(descending, cut, expected, expected + expected ** 2 / 7,
-    ...                                               reference, 7, (lambda v: v, lambda v: v))
+    >>> share, _, _, above, found, _, level = _fit_above_cut(descending, cut, expected, expected + expected ** 2 / 7,
+    ...                                                      reference, 7, (lambda v: v, lambda v: v))
     >>> true_above = int((positives >= cut).sum())
     >>> bool(abs(above - true_above) < 15), bool(abs(above / share - 150) < 30)
     (True, True)
+    >>> bool(abs(level["log_sd"] - 0.9) < 3 * level["log_sd_se"])
+    True
     """
     from scipy.optimize import minimize
     from scipy.special import ndtr, ndtri
@@ -487,15 +493,22 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     # all positives = (A − N) / share: its gradient in (μ, log σ, N)
     gradient = np.append(-above / share_above ** 2 * share_gradient, -1.0 / share_above)
     try:
-        positives_var = float(gradient @ np.linalg.inv(hessian) @ gradient)
+        covariance = np.linalg.inv(hessian)
+        positives_var = float(gradient @ covariance @ gradient)
+        # log σ's variance times σ²: the delta method for σ itself
+        log_sd_var = float(covariance[1, 1]) * np.exp(2 * log_sd)
     except np.linalg.LinAlgError:
-        positives_var = float("nan")
+        positives_var = log_sd_var = float("nan")
     if not np.isfinite(positives_var) or positives_var < 0:
         positives_var = (0.5 * above / share_above) ** 2   # an ill-posed fit: say so in the interval
     z = ndtri((np.arange(SIGNAL_POINTS) + 0.5) / SIGNAL_POINTS)
     modelled = (deviations[:, None] + np.exp(mu + np.exp(log_sd) * z)[None, :]).ravel()
     low, median = forward(np.quantile(modelled, [ndtr(-1.0), 0.5]))
-    return share_above, float(median), float(max(median - low, 1e-6)), above, negatives, float(np.sqrt(positives_var))
+    level = {"median": round(float(np.exp(mu)), 3), "log_sd": round(float(np.exp(log_sd)), 4),
+             "log_sd_se": (round(float(np.sqrt(log_sd_var)), 4) if np.isfinite(log_sd_var) and log_sd_var >= 0
+                           else None)}
+    return (share_above, float(median), float(max(median - low, 1e-6)), above, negatives,
+            float(np.sqrt(positives_var)), level)
 
 
 #: Share of the reference above the highest counting cut, and the fewest
@@ -577,7 +590,9 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         to extrapolate, twice ``A − E`` (half of a population centred at
         or above ``c`` may lie below it), else the estimate;
         ``fitted_negatives_above_cut``: the negatives above ``c`` by the
-        fit (``None`` without ``scale`` or a shape).
+        fit (``None`` without ``scale`` or a shape); ``positive_level``
+        (with ``scale`` and a shape): the fitted CAR signal's ``median``
+        (linear), ``log_sd`` and ``log_sd_se`` (see :func:`_fit_above_cut`).
 
     Examples
     --------
@@ -609,11 +624,11 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         excess = max(above - expected_negatives, 0.0)
         share_above, center, spread, share_sd = 1.0, None, None, 0.0
         positives = excess
-        fitted_negatives, fitted_sd = None, None
+        fitted_negatives, fitted_sd, level = None, None, None
         own_expected = expected_negatives / sample_replicates
         background = own_expected + own_expected ** 2 / (tail_events / replicates)
         if excess >= min_shape_events * sample_replicates and scale is not None:
-            share_above, center, spread, own_above, fitted_negatives, fitted_sd = _fit_above_cut(
+            share_above, center, spread, own_above, fitted_negatives, fitted_sd, level = _fit_above_cut(
                 descending, cut, own_expected, background, reference_descending[::-1] + shift, tail_events, scale,
                 sample_replicates, replicates)
             excess = own_above * sample_replicates
@@ -635,7 +650,7 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         return dict(tail_events=tail_events, cut=cut, above=above, expected_negatives=expected_negatives,
                     excess=excess, share_above=share_above, center=center, spread=spread,
                     positives=positives, variance=statistical + model, model_variance=model,
-                    fitted_negatives=fitted_negatives)
+                    fitted_negatives=fitted_negatives, level=level)
 
     for _ in range(iterations):
         shift = float(np.median(_negative_quantiles(ascending, probabilities, fraction, center, spread)
@@ -669,6 +684,8 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
             "count_sd_extrapolation": round(float(np.sqrt(chosen["model_variance"])), 3)}
     if center is not None:
         info.update(positive_center=round(center, 6), positive_sd=round(spread, 6))
+    if chosen["level"] is not None:
+        info["positive_level"] = chosen["level"]
     return positives, info
 
 

@@ -277,3 +277,28 @@ def test_car_summary_separates_the_draws_counting_noise_from_the_analysis_error(
     assert table["median_rel_error_to_perfect"] == pytest.approx(0.05)
     # the low levels' bias: the 50-event tube's signed error against its perfect gate (-90%)
     assert table["n_low"] == 1 and table["low_level_bias"] == pytest.approx(-0.9)
+
+
+def test_summarize_car_relates_the_error_to_the_fitted_shape():
+    """The shape summary: the fitted log-SDs' median and scatter, the fit's SE, and r with the signed error."""
+    def record(log_sd, measured, se=0.05):
+        return TubeRecord("a.fcs", "car_x", "ok", panel="car", populations={"car_t": {
+            "true_events": 400, "true_cells_per_ul": 100.0, "cells_per_ul": measured, "inside": True,
+            "below_lloq": False, "relative_error": abs(measured - 100.0) / 100.0,
+            "perfect_cells_per_ul": 100.0, "perfect_relative_error": 0.0,
+            "relative_error_to_perfect": abs(measured - 100.0) / 100.0,
+            "signed_error_to_perfect": (measured - 100.0) / 100.0,
+            "positive_level": {"median": 1800.0, "log_sd": log_sd, "log_sd_se": se}}})
+    # a wider fitted shape extrapolates more positives below the cut: the error follows it
+    rows = [record(0.8, 85.0), record(0.9, 100.0), record(1.0, 112.0), record(0.85, 95.0, se=0.07)]
+    table = summarize_car(rows)["all"]
+    assert table["n_shape"] == 4
+    assert table["shape_log_sd"] == pytest.approx(0.875)
+    assert table["shape_log_sd_scatter"] == pytest.approx(np.std([0.8, 0.9, 1.0, 0.85], ddof=1))
+    assert table["shape_log_sd_se"] == pytest.approx(0.05)
+    assert table["shape_error_correlation"] > 0.95
+    # without fitted shapes (too few positives above the cut) nothing is claimed
+    bare = summarize_car([TubeRecord("b.fcs", "car_x", "ok", panel="car", populations={"car_t": {
+        "true_events": 400, "true_cells_per_ul": 100.0, "cells_per_ul": 90.0, "inside": True,
+        "below_lloq": False, "relative_error": 0.1}})])["all"]
+    assert bare["n_shape"] == 0 and bare["shape_error_correlation"] is None and bare["shape_log_sd"] is None

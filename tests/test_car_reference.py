@@ -240,3 +240,27 @@ def test_a_count_the_default_lloq_would_quantify_says_why_this_tube_s_is_higher(
     # cells/uL of the limits follow the tube's own events-to-cells/uL factor
     per_event = count["cells_per_ul"] / count["events"]
     assert count["lloq"]["cells_per_ul"] == pytest.approx(lloq * per_event, rel=1e-3)
+
+
+def test_the_fitted_car_signal_and_its_standard_error_match_the_scatter_over_tubes():
+    """The positives' log-SD (gain-free) is recorded with an SE that says how far it scatters from tube to tube."""
+    from gating.auto import reference_subtraction_count
+    from gpu.logicle import logicle_inverse
+
+    scale = (lambda v: logicle(np.asarray(v, dtype=np.float64), t=TOP),
+             lambda v: logicle_inverse(np.asarray(v, dtype=np.float64), t=TOP))
+    fitted, reported = [], []
+    for seed in range(12):
+        rng = np.random.default_rng(100 + seed)
+        spread = lambda n: rng.normal(0.0, 300.0, n)
+        reference = logicle(160.0 + spread(6000), t=TOP)
+        values = logicle(np.concatenate([160.0 + spread(4000), 1800.0 * rng.lognormal(0.0, 0.8, 300) + spread(300)]),
+                         t=TOP)
+        _, info = reference_subtraction_count(values, reference, align=False, scale=scale)
+        level = info["positive_level"]
+        fitted.append(level["log_sd"])
+        reported.append(level["log_sd_se"])
+        assert 1800.0 / 2 < level["median"] < 1800.0 * 2
+    scatter, typical_se = np.std(fitted, ddof=1), np.median(reported)
+    assert abs(np.mean(fitted) - 0.8) < 3 * typical_se / np.sqrt(len(fitted)) + 0.02, fitted
+    assert typical_se / 2 < scatter < typical_se * 2, (scatter, typical_se)

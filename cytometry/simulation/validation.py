@@ -489,6 +489,9 @@ def evaluate_tube(path, condition, truth, options=None):
                              relative_error_to_perfect=abs(signed) if signed is not None else None)
         if population == "car_t":
             entry["f1_ideal_cut"] = _ideal_count_preserving_f1(gated, true_mask)
+            gate = next((g for g in gated.gating.gates if g.name == population), None)
+            if gate is not None and gate.extra.get("positive_level"):
+                entry["positive_level"] = dict(gate.extra["positive_level"])
         record.populations[population] = entry
     masks = gated.gating.masks
     if truth["panel"] == "tbnk" and {"lymphocytes", "t_cells", "b_cells", "nk_cells"} <= set(masks):
@@ -643,7 +646,13 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, lo
         ``min_events_for_error`` true CAR+ events: a bias at low levels),
         ``n_absent`` (tubes below
         ``absent_below_per_ul``) and ``false_persistence`` (of those, the
-        ones reported at or above the LLOQ).
+        ones reported at or above the LLOQ); over the ``n_shape`` tubes with
+        enough events whose positives' shape was fitted: ``shape_log_sd``
+        (median fitted log-SD of the CAR signal), ``shape_log_sd_scatter``
+        (its SD across tubes), ``shape_log_sd_se`` (median SE the fit
+        reported) and ``shape_error_correlation`` (Pearson r of the signed
+        error against the perfect gate with the fitted log-SD: how much of
+        the error the shape's estimate explains).
 
     Examples
     --------
@@ -673,6 +682,12 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, lo
         low = [e["signed_error_to_perfect"] for e in entries
                if low_level_events <= e["true_events"] < min_events_for_error
                and e.get("signed_error_to_perfect") is not None]
+        shaped = [e for e in enough if e.get("positive_level") and e.get("signed_error_to_perfect") is not None]
+        log_sds = np.array([e["positive_level"]["log_sd"] for e in shaped])
+        shape_errors = np.array([e["signed_error_to_perfect"] for e in shaped])
+        reported_se = [e["positive_level"]["log_sd_se"] for e in shaped if e["positive_level"].get("log_sd_se")]
+        correlation = (float(np.corrcoef(shape_errors, log_sds)[0, 1])
+                       if len(shaped) > 2 and np.std(log_sds) > 0 and np.std(shape_errors) > 0 else None)
         table[key] = {"n": len(entries), "coverage": float(np.mean([e["inside"] for e in entries])),
                       "n_error": len(errors),
                       "median_rel_error": float(np.median(errors)) if errors else None,
@@ -684,7 +699,12 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, lo
                       "low_level_bias": float(np.mean(low)) if low else None,
                       "low_level_bias_se": float(np.std(low, ddof=1) / np.sqrt(len(low))) if len(low) > 1 else None,
                       "n_absent": len(absent),
-                      "false_persistence": sum(1 for e in absent if e.get("below_lloq") is False)}
+                      "false_persistence": sum(1 for e in absent if e.get("below_lloq") is False),
+                      "n_shape": len(shaped),
+                      "shape_log_sd": float(np.median(log_sds)) if len(shaped) else None,
+                      "shape_log_sd_scatter": float(np.std(log_sds, ddof=1)) if len(shaped) > 1 else None,
+                      "shape_log_sd_se": float(np.median(reported_se)) if reported_se else None,
+                      "shape_error_correlation": correlation}
     if "all" in table:
         table["all"] = table.pop("all")
     return table
