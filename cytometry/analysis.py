@@ -175,6 +175,14 @@ def _gate_upper_events(gating, population):
     return float(gate.extra.get("upper_positive_events") or 0.0) if gate is not None else 0.0
 
 
+def _background_events(gating, population):
+    """Negatives a population's gate expects above its cut (a net count's background; 0 without one)."""
+    gate = next((g for g in gating.gates if g.name == population), None)
+    if gate is None or gate.extra.get("expected_negatives_above_cut") is None:
+        return 0.0
+    return float(gate.extra.get("limit_expected_negatives", gate.extra["expected_negatives_above_cut"]))
+
+
 def _limits(gating, population, options):
     """LOD and LLOQ (events) of a population in this tube: the options' floors, raised by a gate's background.
 
@@ -856,6 +864,13 @@ def _count(gated, row, options, result, screening):
                               f"{count.events} events >= LLOQ of {lloq:.0f}, but this count's CV is {cv:.0%} "
                               f"(> {LLOQ_CV:.0%}: its estimate's own uncertainty, {own_sd:.0f} events SD): < LLOQ"))
             continue
+        if count.events < lod and _background_events(gating, name) > 0 and counts[name].ci95[0] > 0:
+            # A net count below its LOD cannot be told from the negatives
+            # expected above the cut ("not detected"): none at all is as
+            # consistent with the data, and its interval starts at zero
+            # (an interval excluding zero would claim the detection the
+            # LOD denies).
+            counts[name] = replace(counts[name], ci95=(0.0, counts[name].ci95[1]))
         if counts[name].below_lloq and name in ("b_cells", "car_t"):
             detected = "not detected, " if count.events < lod else ""
             flags.append(Flag(name, "below_lloq", "info", f"{count.events} events < LLOQ of {lloq:.0f} "

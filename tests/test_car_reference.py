@@ -264,3 +264,22 @@ def test_the_fitted_car_signal_and_its_standard_error_match_the_scatter_over_tub
     scatter, typical_se = np.std(fitted, ddof=1), np.median(reported)
     assert abs(np.mean(fitted) - 0.8) < 3 * typical_se / np.sqrt(len(fitted)) + 0.02, fitted
     assert typical_se / 2 < scatter < typical_se * 2, (scatter, typical_se)
+
+
+def test_a_net_car_count_below_its_lod_has_an_interval_from_zero(tmp_path):
+    """'Not detected' and an interval excluding zero would contradict each other: late visits, CAR+ gone or < 1/uL."""
+    from cytometry.analysis import AnalysisOptions, analyze_gated, car_reference_of, gate_file, with_car_reference
+    from cytometry.simulation.validation import simulate_condition_set
+
+    counted = []
+    for path, _, truth in simulate_condition_set(tmp_path, 4, seed=6, conditions="car_ref_gain_absent"):
+        options = AnalysisOptions(beads_per_test=truth["beads_per_test"], sample_volume_ul=truth["sample_volume_ul"])
+        options = with_car_reference(options, car_reference_of(gate_file(truth["pre_infusion_file"], options), "pre"))
+        count = analyze_gated(gate_file(path, options), None, options)["populations"]["car_t"]
+        assert count["below_lod"] == (count["events"] < count["lod"]["events"])
+        if count["below_lod"]:
+            assert count["ci95"][0] == 0.0 and count["ci95"][1] > 0.0, count
+            assert count["below_lloq"]
+        counted.append(count["events"])
+    # not only empty tubes: a few net events (whose Poisson interval alone would exclude zero) are among them
+    assert max(counted) >= 3, counted
