@@ -107,6 +107,26 @@ def main(argv=None):
                 print(f"  {name:28s} {seconds * 1000:8.1f} ms")
             print(f"  {'total per tube':28s} {total * 1000:8.1f} ms")
             print(f"  {'peer: flowkit load+comp+logicle':28s} {peer * 1000:8.1f} ms")
+            if with_reference:
+                print_shape_profile_cost(runs[0][1], tube_options, args.repeats)
+
+
+def print_shape_profile_cost(gated, options, repeats):
+    """The CAR count with and without its shape profile (what persistence carries between visits), interleaved."""
+    from gating.car import count_against_reference
+
+    column, top = gated.channels["CAR"], gated.sample.channel_top(gated.channels["CAR"])
+    values = gated.data[gated.gating.masks["t_cells"], column].astype(float)
+    beads = gated.data[gated.gating.masks["beads"], column].astype(float) if "beads" in gated.gating.masks else None
+    reference = options.gating.car_reference
+    times = {True: [], False: []}
+    for _ in range(repeats):
+        for profile in (False, True):
+            start = time.perf_counter()
+            count_against_reference(values, reference, beads, top, shape_profile=profile)
+            times[profile].append(time.perf_counter() - start)
+    print(f"  {'CAR count, no shape profile':28s} {statistics.median(times[False]) * 1000:8.1f} ms")
+    print(f"  {'CAR count + shape profile':28s} {statistics.median(times[True]) * 1000:8.1f} ms")
 
 if __name__ == "__main__":
     main()

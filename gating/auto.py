@@ -372,7 +372,7 @@ def _even_subsample(ascending, size):
 
 
 def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, reference_ascending, tail_events,
-                   scale, sample_replicates=1, replicates=1):
+                   scale, sample_replicates=1, replicates=1, fixed_log_sd=None):
     """The positives above ``cut`` and their share of all positives, the negatives above it fitted too.
 
     Above the counting cut lie ``A`` events: the positives' bright part and
@@ -406,7 +406,10 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     ``descending`` holds ``sample_replicates`` noise replicates per event,
     ``reference_ascending`` ``replicates`` per reference event (normalised
     to this tube, display scale); ``expected_negatives`` and
-    ``negatives_variance`` are in the tube's own events.
+    ``negatives_variance`` are in the tube's own events. With
+    ``fixed_log_sd`` the signal's log-SD is held at that value and only its
+    median and ``N`` are fitted (a point of the shape's profile
+    likelihood, see :func:`reference_subtraction_count`).
 
     Returns ``(share_above, centre, σ_display, positives_above, negatives,
     positives_sd, level)`` in the tube's own events, ``positives_sd`` the
@@ -414,7 +417,9 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     together), ``level`` the fitted CAR signal: its ``median`` (linear
     units), ``log_sd`` and that log-SD's standard error ``log_sd_se`` (from
     the same curvature). The log-SD does not change with detector gain, and
-    its error is what the extrapolation's error mostly follows.
+    its error is what the extrapolation's error mostly follows; ``nll``
+    is the negative log-likelihood at the fit (comparable between fits of
+    the same tube).
 
     Examples
     --------
@@ -482,21 +487,32 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     start = [max(float(np.median(level)), mu_floor), float(np.log(np.clip(np.std(level), 0.1, 2.0))),
              float(min(expected_negatives, 0.5 * total))]
     bounds = [(mu_floor, None), (np.log(0.02), np.log(5.0)), (0.0, 0.99 * total)]
-    fit = minimize(negative_log_likelihood, start, method="L-BFGS-B", bounds=bounds)
-    mu, log_sd, negatives = (float(v) for v in fit.x)
+    if fixed_log_sd is None:
+        fit = minimize(negative_log_likelihood, start, method="L-BFGS-B", bounds=bounds)
+        mu, log_sd, negatives = (float(v) for v in fit.x)
+    else:
+        log_sd = float(np.log(fixed_log_sd))
+        fit = minimize(lambda p: negative_log_likelihood((p[0], log_sd, p[1])), [start[0], start[2]],
+                       method="L-BFGS-B", bounds=[bounds[0], bounds[2]])
+        mu, negatives = (float(v) for v in fit.x)
     share_above = share(mu, log_sd)
     above = total - negatives
     steps = np.array([0.02, 0.02, max(0.05 * prior_sd, 0.05)])
-    hessian = _central_hessian(negative_log_likelihood, (mu, log_sd, negatives), steps)
     share_gradient = np.array([(share(mu + steps[0], log_sd) - share(mu - steps[0], log_sd)) / (2 * steps[0]),
                                (share(mu, log_sd + steps[1]) - share(mu, log_sd - steps[1])) / (2 * steps[1])])
     # all positives = (A − N) / share: its gradient in (μ, log σ, N)
     gradient = np.append(-above / share_above ** 2 * share_gradient, -1.0 / share_above)
+    if fixed_log_sd is None:
+        hessian = _central_hessian(negative_log_likelihood, (mu, log_sd, negatives), steps)
+    else:   # σ known: the curvature in (μ, N) alone
+        hessian = _central_hessian(lambda p: negative_log_likelihood((p[0], log_sd, p[1])), (mu, negatives),
+                                   steps[[0, 2]])
+        gradient = gradient[[0, 2]]
     try:
         covariance = np.linalg.inv(hessian)
         positives_var = float(gradient @ covariance @ gradient)
         # log σ's variance times σ²: the delta method for σ itself
-        log_sd_var = float(covariance[1, 1]) * np.exp(2 * log_sd)
+        log_sd_var = float(covariance[1, 1]) * np.exp(2 * log_sd) if fixed_log_sd is None else float("nan")
     except np.linalg.LinAlgError:
         positives_var = log_sd_var = float("nan")
     if not np.isfinite(positives_var) or positives_var < 0:
@@ -506,10 +522,18 @@ def _fit_above_cut(descending, cut, expected_negatives, negatives_variance, refe
     low, median = forward(np.quantile(modelled, [ndtr(-1.0), 0.5]))
     level = {"median": round(float(np.exp(mu)), 3), "log_sd": round(float(np.exp(log_sd)), 4),
              "log_sd_se": (round(float(np.sqrt(log_sd_var)), 4) if np.isfinite(log_sd_var) and log_sd_var >= 0
-                           else None)}
+                           else None), "nll": float(fit.fun)}
     return (share_above, float(median), float(max(median - low, 1e-6)), above, negatives,
             float(np.sqrt(positives_var)), level)
 
+
+#: Fewest positives above the counting cut for a shape profile (the
+#: positives' fit with the log-SD held at each of a grid of values).
+MIN_PROFILE_EVENTS = 5
+#: The log-SDs of the CAR signal a profile is taken at: 0.3 to 2.4 (8x) in
+#: steps of ~21 % (a smooth profile, interpolated between them), wider
+#: than any staining a lab would accept.
+SHAPE_PROFILE_LOG_SDS = tuple(round(float(v), 4) for v in np.geomspace(0.3, 2.4, 12))
 
 #: Share of the reference above the highest counting cut, and the fewest
 #: reference events it rests on (the background the LOD/LLOQ are set by).
@@ -519,7 +543,7 @@ MIN_REFERENCE_TAIL_EVENTS = 5
 
 def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
                                 min_tail_events=MIN_REFERENCE_TAIL_EVENTS, min_shape_events=30, iterations=6,
-                                align=True, replicates=1, scale=None, sample_replicates=1):
+                                align=True, replicates=1, scale=None, sample_replicates=1, shape_profile=None):
     """Number of positive events in ``values``, the negatives known from a reference.
 
     For a dim positive population (CAR+ T cells) whose lower tail runs into
@@ -576,6 +600,14 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         the reference's negatives plus a lognormal signal on the linear
         scale (the dim side that spillover spreading gives them); without
         it, ``A − E`` is extrapolated by a Gaussian on the display scale.
+    shape_profile : sequence of float, optional
+        With ``scale``: log-SDs of the CAR signal at which the events above
+        ``c`` are fitted again with the log-SD held there (from
+        :data:`MIN_PROFILE_EVENTS` positives above ``c`` up, fewer than a
+        shape needs on its own). The profile lets a shape known from
+        outside the tube (the same subject's earlier visits:
+        :func:`cytometry.decisions.subjects.persistence`) be combined with
+        this tube's evidence without its events.
 
     Returns
     -------
@@ -592,7 +624,10 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         ``fitted_negatives_above_cut``: the negatives above ``c`` by the
         fit (``None`` without ``scale`` or a shape); ``positive_level``
         (with ``scale`` and a shape): the fitted CAR signal's ``median``
-        (linear), ``log_sd`` and ``log_sd_se`` (see :func:`_fit_above_cut`).
+        (linear), ``log_sd`` and ``log_sd_se`` (see :func:`_fit_above_cut`);
+        ``shape_profile`` (when asked for): per log-SD the ``positives``,
+        their ``positives_sd`` (the fit's, in events), the positives above
+        ``c`` and the negative log-likelihood (``nll``, less its minimum).
 
     Examples
     --------
@@ -685,7 +720,22 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
     if center is not None:
         info.update(positive_center=round(center, 6), positive_sd=round(spread, 6))
     if chosen["level"] is not None:
-        info["positive_level"] = chosen["level"]
+        info["positive_level"] = {k: v for k, v in chosen["level"].items() if k != "nll"}
+    if shape_profile is not None and scale is not None and chosen["excess"] >= MIN_PROFILE_EVENTS * r:
+        own_expected = chosen["expected_negatives"] / r
+        background = own_expected + own_expected ** 2 / (chosen["tail_events"] / replicates)
+        rows = []
+        for log_sd in shape_profile:
+            share_k, _, _, above_k, _, sd_k, level_k = _fit_above_cut(
+                descending, chosen["cut"], own_expected, background, reference_descending[::-1] + shift,
+                chosen["tail_events"], scale, sample_replicates, replicates, fixed_log_sd=float(log_sd))
+            rows.append((float(log_sd), above_k / share_k, sd_k, above_k, level_k["nll"]))
+        lowest = min(row[4] for row in rows)
+        info["shape_profile"] = {"log_sd": [round(row[0], 4) for row in rows],
+                                 "positives": [round(row[1], 3) for row in rows],
+                                 "positives_sd": [round(row[2], 3) for row in rows],
+                                 "positives_above_cut": [round(row[3], 3) for row in rows],
+                                 "nll": [round(row[4] - lowest, 4) for row in rows]}
     return positives, info
 
 

@@ -329,7 +329,7 @@ def normalise_reference(reference, ratio, negatives, negative_events, top, stret
     return logicle(candidate + median, t=top), info
 
 
-def _count(values, reference, ratio, negatives, negative_events, top, stretch=None):
+def _count(values, reference, ratio, negatives, negative_events, top, stretch=None, shape_profile=None):
     """CAR+ events of ``values`` against ``reference`` normalised with gain ``ratio`` (and the details)."""
     from .auto import reference_subtraction_count
 
@@ -346,12 +346,13 @@ def _count(values, reference, ratio, negatives, negative_events, top, stretch=No
         sample_replicates = NOISE_REPLICATES
     positives, estimate = reference_subtraction_count(values, normalised, align=False, iterations=2,
                                                       replicates=info["replicates"], scale=scale,
-                                                      sample_replicates=sample_replicates)
+                                                      sample_replicates=sample_replicates,
+                                                      shape_profile=shape_profile)
     estimate.update(info)
     return positives, estimate
 
 
-def count_against_reference(values, reference, bead_values, top, iterations=4):
+def count_against_reference(values, reference, bead_values, top, iterations=4, shape_profile=True):
     """CAR+ events among the follow-up T cells, the reference first normalised to this tube.
 
     Parameters
@@ -365,6 +366,11 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
         The follow-up CAR channel's range (``$PnR``), for the scale.
     iterations : int
         Rounds of (negatives' centre and spread → count → positives' share).
+    shape_profile : bool
+        Also fit the positives at each log-SD of
+        :data:`gating.auto.SHAPE_PROFILE_LOG_SDS` (``info["shape_profile"]``,
+        what :func:`cytometry.decisions.subjects.persistence` combines with a
+        subject's earlier visits; about 0.1–0.5 s).
 
     Returns
     -------
@@ -374,8 +380,11 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
         and ``normalisation``: the gain ratio used and its ``source``, both
         anchors' ratios (or why one was unusable), the noise added, the
         counts with the alternatives and ``count_sd`` including what the
-        normalisation's uncertainty does to the count; ``flags``: (code,
-        message) pairs for the gate.
+        normalisation's uncertainty does to the count (its share beyond the
+        count's own, ``normalisation["count_sd_normalisation"]``),
+        ``shape_profile`` (:data:`gating.auto.SHAPE_PROFILE_LOG_SDS`, where
+        enough positives lie above the cut); ``flags``: (code, message)
+        pairs for the gate.
 
     Examples
     --------
@@ -408,7 +417,9 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
             normalisation["bead_problem"] = problem
     reference_median, reference_flank = reference.negatives
     fraction, center, spread = 0.0, None, None
-    for _ in range(iterations):
+    from .auto import SHAPE_PROFILE_LOG_SDS
+
+    for round_ in range(iterations):
         negatives = _negatives_of(ascending, fraction, center, spread, top)
         negative_events = n * (1.0 - fraction)
         negative_ratio = None
@@ -420,7 +431,10 @@ def count_against_reference(values, reference, bead_values, top, iterations=4):
             ratio, source = negative_ratio, "CAR-negative T cells"
         else:
             ratio, source = negatives[1] / reference_flank, "negatives' spread (no anchor usable)"
-        positives, estimate = _count(values, reference, ratio, negatives, negative_events, top)
+        # the shape's profile once, with the count reported
+        profile = SHAPE_PROFILE_LOG_SDS if shape_profile and round_ == iterations - 1 else None
+        positives, estimate = _count(values, reference, ratio, negatives, negative_events, top,
+                                     shape_profile=profile)
         fraction = min(positives / n, 0.99)
         center, spread = estimate.get("positive_center"), estimate.get("positive_sd")
     normalisation.update(gain_ratio=round(ratio, 4), source=source, added_noise_sd=estimate["added_noise_sd"],

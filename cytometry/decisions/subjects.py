@@ -17,6 +17,9 @@ Kinetics
     "below the limit of quantification" points; the result says so);
     Clast / Tlast the last quantifiable value; B-cell aplasia by a named,
     versioned rule (default: CD19+ B cells below 1 cell/µL after infusion).
+    Each CAR visit is read with the CAR signal's log-SD its subject's
+    earlier visits measured (:mod:`cytometry.decisions.car_shape`), its
+    tube-alone count kept beside it.
 
 TBNK / CAR T-cell cross-check
     When a subject has a TBNK tube and a CAR tube on the same study day (the
@@ -367,7 +370,41 @@ def _numeric_day(result):
     return float(day) if isinstance(day, (int, float)) and not isinstance(day, bool) else None
 
 
-def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
+def _carry_car_shape(items):
+    """Re-read each visit's CAR+ count with the shape its subject's earlier visits measured (in place).
+
+    See :mod:`cytometry.decisions.car_shape`. The visit's own count stays in
+    its entry's ``own``; the timeline point says which visits the shape came
+    from, or why it was not used.
+    """
+    from cytometry.decisions.car_shape import car_count_details, pooled_shape, reread_with_shape
+
+    dated = sorted(((day, result, point) for result, point in items
+                    if (day := _numeric_day(result)) is not None and result.get("status", "ok") == "ok"),
+                   key=lambda item: item[0])
+    earlier = []   # (day, log_sd, se) of the visits before, their own fits
+    for day, result, point in dated:
+        entry = point.get("car_t")
+        before = [(d, s, e) for d, s, e in earlier if d < day]
+        prior = pooled_shape([(s, e) for _, s, e in before])
+        if entry is not None and prior is not None:
+            new, why = reread_with_shape(result, entry, prior)
+            days = ", ".join(f"{d:g}" for d, _, _ in before)
+            if new is not None:
+                new["own"] = {key: entry[key] for key in ("cells_per_ul", "ci95", "below_lloq", "events")}
+                new["shape"]["prior_days"] = [d for d, _, _ in before]
+                point["car_t"] = new
+                point["qc_flags"].append(
+                    f"car_t: counted with the CAR signal's log-SD of days {days} ({prior['log_sd']:.2f} ± "
+                    f"{prior['sd']:.2f}); this tube alone: {format_sig(entry['cells_per_ul'])} cells/uL")
+            elif why.startswith("its own"):
+                point["qc_flags"].append(f"car_t: shape of days {days} not used: {why}")
+        level, _, _ = car_count_details(result)
+        if level is not None and level.get("log_sd_se"):
+            earlier.append((day, float(level["log_sd"]), float(level["log_sd_se"])))
+
+
+def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA, carry_shape=True):
     """Per-subject timelines and kinetics from the CAR tubes of a run.
 
     TBNK tubes are not kinetics points; a TBNK tube on the same study day as
@@ -380,6 +417,11 @@ def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
     aplasia : AplasiaRule, optional
     crosscheck_alpha : float
         Significance level of the TBNK/CAR T-cell cross-check.
+    carry_shape : bool
+        Re-read each CAR visit with the CAR signal's log-SD its subject's
+        earlier visits measured (:mod:`cytometry.decisions.car_shape`; the
+        visit's own count kept in ``car_t["own"]``); ``False``: every
+        visit as its tube alone gives it.
 
     Returns
     -------
@@ -428,6 +470,8 @@ def persistence(results, aplasia=None, crosscheck_alpha=CROSSCHECK_ALPHA):
                         if point["study_day"] not in flagged:
                             flagged.append(point["study_day"])
             point["t_cell_crosscheck"] = checks
+        if carry_shape:
+            _carry_car_shape(items)
         points = [point for _, point in items]
         points.sort(key=lambda p: (p["study_day"] if isinstance(p["study_day"], (int, float)) else float("inf")))
         rows.append({"subject_id": subject, "timeline": points, **kinetics(points, aplasia),
@@ -546,6 +590,10 @@ PERSISTENCE_COLUMNS = [
     ("car_t_ci95_low_per_ul", _timeline_value("car_t", "low")),
     ("car_t_ci95_high_per_ul", _timeline_value("car_t", "high")),
     ("car_t_below_lloq", _timeline_value("car_t", "below_lloq")),
+    # the tube alone, where the count above was read with the earlier visits' CAR signal shape
+    ("car_t_tube_alone_per_ul", lambda p: ((p.get("car_t") or {}).get("own") or {}).get("cells_per_ul")),
+    ("car_t_shape_from_days", lambda p: " ".join(f"{d:g}" for d in ((p.get("car_t") or {}).get("shape") or {})
+                                                 .get("prior_days", [])) or None),
     ("b_cells_per_ul", _timeline_value("b_cells", "cells_per_ul")),
     ("b_cells_below_lloq", _timeline_value("b_cells", "below_lloq")),
     ("file", "file"), ("qc_flags", lambda p: " | ".join(p.get("qc_flags") or [])),

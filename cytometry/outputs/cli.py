@@ -360,7 +360,8 @@ def cmd_eligibility(args):
 
 def cmd_persistence(args):
     results = _subject_results(args)
-    subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold))
+    subjects = persistence(results, AplasiaRule(threshold_cells_per_ul=args.aplasia_threshold),
+                           carry_shape=not args.own_shape_only)
     figures_failed = False
     if args.plots:
         for subject in subjects:
@@ -629,6 +630,9 @@ def build_parser():
     _add_run_options(kinetics, from_store=True)
     kinetics.add_argument("--aplasia-threshold", type=float, default=1.0,
                           help="B-cell aplasia: CD19+ B cells below this many cells/uL (default 1)")
+    kinetics.add_argument("--own-shape-only", action="store_true",
+                          help="count every CAR visit from its own tube alone (default: with the CAR signal's "
+                               "log-SD its subject's earlier visits measured)")
     kinetics.add_argument("--plots", metavar="DIR", help="write a kinetics plot per subject (DIR/<subject>.kinetics.png)")
     kinetics.add_argument("--csv", metavar="FILE", help="also write the timelines as CSV (units in column names)")
     kinetics.set_defaults(func=cmd_persistence)
