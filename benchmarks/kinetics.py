@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,14 @@ def main(argv=None):
                       if v["study_day"] > 0 and "car_t_lloq_events" in v]
         print(f"CAR+ LLOQ reported per tube: {min(lloqs):.3g}-{max(lloqs):.3g} cells/uL; the truth's, from the "
               f"known cells: {min(true_lloqs):.3g}-{max(true_lloqs):.3g} cells/uL")
+    for label, table in (("", rows), (" (each tube alone)", own_rows)):
+        low = [(v["car_t"]["cells_per_ul"] - v["car_t_tube"]) / v["car_t_tube"] for row in table.values()
+               for v in row["visits"] if v["study_day"] > 0 and v["car_t"] and v["car_t_tube"]
+               and 13 <= v["car_t_tube_events"] < 100]
+        if low:
+            se = statistics.stdev(low) / len(low) ** 0.5 if len(low) > 1 else float("nan")
+            print(f"CAR+ low levels{label} (13-99 true events, {len(low)} visits): mean signed error against the "
+                  f"perfect gate {statistics.mean(low):+.1%} +/- {se:.1%}")
     for label, table in (("", rows), (" (each tube alone)", own_rows)):
         inside = [v["car_t_inside"] for row in table.values() for v in row["visits"] if v["study_day"] > 0]
         print(f"CAR+ 95% intervals holding the true blood value{label}: {sum(inside)}/{len(inside)} post-infusion "

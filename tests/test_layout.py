@@ -24,7 +24,7 @@ DEFERRED = {
 }
 
 STAGES = {"loading": {"fcs.py", "manifest.py", "panel.py", "reviewed_gates.py"},
-          "decisions": {"qc.py", "eligibility.py", "subjects.py"},
+          "decisions": {"qc.py", "eligibility.py", "subjects.py", "car_shape.py"},
           "batch": {"run.py", "store.py"},
           "outputs": {"cli.py", "report.py", "plots.py", "formatting.py"},
           "simulation": {"simulate.py", "cohort.py", "validation.py", "metamorphic.py", "fcs_bytes.py"}}

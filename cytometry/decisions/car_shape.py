@@ -32,6 +32,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.interpolate import PchipInterpolator
+
+from cytometry.counts import LLOQ_CV, bead_count
 
 #: A visit's own log-SD this many combined SDs from its prior: the shape differs, the prior is not used.
 SHAPE_CONSISTENCY_Z = 3.0
@@ -98,8 +101,6 @@ def count_with_shape(profile, prior_log_sd, prior_sd, grid_points=400):
     >>> 145 < out["positives"] < 155, out["shape_sd"] < 5
     (True, True)
     """
-    from scipy.interpolate import PchipInterpolator
-
     log_sds = np.log(np.asarray(profile["log_sd"], dtype=float))
     fine = np.linspace(log_sds[0], log_sds[-1], grid_points)
     # PCHIP: no overshoot between profile points (the counts rise steeply with the log-SD)
@@ -133,8 +134,6 @@ def reread_with_shape(result, entry, prior):
     ``below_lloq``, ``events``, ``lloq``); ``prior`` from
     :func:`pooled_shape`. Returns ``(new_entry, None)`` or ``(None, reason)``.
     """
-    from cytometry.counts import LLOQ_CV, bead_count
-
     level, profile, normalisation_sd = car_count_details(result)
     if profile is None:
         return None, "too few CAR+ events above the cut for a shape profile"

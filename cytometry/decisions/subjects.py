@@ -46,6 +46,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cytometry.decisions.car_shape import car_count_details, pooled_shape, reread_with_shape
 from cytometry.outputs.formatting import count_text, format_sig, printable, safe_name
 
 SCREENING_RULE = ("latest screening tube with a valid verdict decides; qc_fail tubes never override a valid one; "
@@ -377,8 +378,6 @@ def _carry_car_shape(items):
     its entry's ``own``; the timeline point says which visits the shape came
     from, or why it was not used.
     """
-    from cytometry.decisions.car_shape import car_count_details, pooled_shape, reread_with_shape
-
     dated = sorted(((day, result, point) for result, point in items
                     if (day := _numeric_day(result)) is not None and result.get("status", "ok") == "ok"),
                    key=lambda item: item[0])
