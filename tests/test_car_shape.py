@@ -151,3 +151,11 @@ def test_a_simulated_series_carries_its_shape_to_the_late_visit(tmp_path):
     assert late["ci95"][0] <= truth[56] <= late["ci95"][1], late
     peak = next(p for p in subject["timeline"] if p["study_day"] == 10)["car_t"]
     assert "own" not in peak and peak["ci95"][0] <= truth[10] <= peak["ci95"][1]
+
+
+def test_a_visit_whose_gate_failed_its_checks_lends_no_shape():
+    series = _series()
+    series[0]["populations"]["car_t"]["reliable"] = False      # day 7: no kinetics point, no shape
+    subject, = persistence(series)
+    late = next(p for p in subject["timeline"] if p["study_day"] == 56)["car_t"]
+    assert late["shape"]["prior_days"] == [14]

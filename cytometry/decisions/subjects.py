@@ -399,7 +399,8 @@ def _carry_car_shape(items):
             elif why.startswith("its own"):
                 point["qc_flags"].append(f"car_t: shape of days {days} not used: {why}")
         level, _, _ = car_count_details(result)
-        if level is not None and level.get("log_sd_se"):
+        # only a usable count's shape (not one whose gate failed its checks) informs later visits
+        if entry is not None and level is not None and level.get("log_sd_se"):
             earlier.append((day, float(level["log_sd"]), float(level["log_sd_se"])))
 
 
