@@ -685,7 +685,7 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
         return dict(tail_events=tail_events, cut=cut, above=above, expected_negatives=expected_negatives,
                     excess=excess, share_above=share_above, center=center, spread=spread,
                     positives=positives, variance=statistical + model, model_variance=model,
-                    fitted_negatives=fitted_negatives, level=level)
+                    fitted_negatives=fitted_negatives, level=level, own_expected=own_expected, background=background)
 
     for _ in range(iterations):
         shift = float(np.median(_negative_quantiles(ascending, probabilities, fraction, center, spread)
@@ -722,8 +722,7 @@ def reference_subtraction_count(values, reference, tail=REFERENCE_TAIL_SHARE,
     if chosen["level"] is not None:
         info["positive_level"] = {k: v for k, v in chosen["level"].items() if k != "nll"}
     if shape_profile is not None and scale is not None and chosen["excess"] >= MIN_PROFILE_EVENTS * r:
-        own_expected = chosen["expected_negatives"] / r
-        background = own_expected + own_expected ** 2 / (chosen["tail_events"] / replicates)
+        own_expected, background = chosen["own_expected"], chosen["background"]
         rows = []
         for log_sd in shape_profile:
             share_k, _, _, above_k, _, sd_k, level_k = _fit_above_cut(

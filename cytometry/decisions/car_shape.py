@@ -34,6 +34,7 @@ import math
 import numpy as np
 from scipy.interpolate import PchipInterpolator
 
+from cytometry.analysis import widen_for_overlap
 from cytometry.counts import LLOQ_CV, bead_count
 
 #: A visit's own log-SD this many combined SDs from its prior: the shape differs, the prior is not used.
@@ -159,14 +160,12 @@ def reread_with_shape(result, entry, prior):
                           float(counting["sample_volume_ul"]))
 
     events = int(round(positives))
-    point = count_for(events)
-    low = count_for(max(0, math.floor(positives - 1.96 * gate_sd)))
-    high = count_for(math.ceil(positives + 1.96 * gate_sd))
+    point = widen_for_overlap(count_for(events), gate_sd, count_for)
     lloq = float((entry.get("lloq") or {}).get("events", 25.0))
     lod = float((entry.get("lod") or {}).get("events", 3.0))
     cv = math.sqrt(positives + gate_sd ** 2) / positives if positives > 0 else float("inf")
     new = dict(entry, cells_per_ul=round(float(point.cells_per_ul), 4), events=events,
-               ci95=[0.0 if positives < lod else round(float(low.ci95[0]), 4), round(float(high.ci95[1]), 4)],
+               ci95=[0.0 if positives < lod else round(float(point.ci95[0]), 4), round(float(point.ci95[1]), 4)],
                below_lloq=bool(positives < lloq or cv > LLOQ_CV))
     new["shape"] = {"log_sd": round(posterior["log_sd"], 4), "prior_log_sd": round(prior["log_sd"], 4),
                     "prior_sd": round(prior["sd"], 4), "prior_visits": prior["visits"],
