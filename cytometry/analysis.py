@@ -864,12 +864,15 @@ def _count(gated, row, options, result, screening):
                               f"{count.events} events >= LLOQ of {lloq:.0f}, but this count's CV is {cv:.0%} "
                               f"(> {LLOQ_CV:.0%}: its estimate's own uncertainty, {own_sd:.0f} events SD): < LLOQ"))
             continue
-        if count.events < lod and _background_events(gating, name) > 0 and counts[name].ci95[0] > 0:
+        if count.events < lod and (_background_events(gating, name) > 0 or name == "car_t") \
+                and counts[name].ci95[0] > 0:
             # A net count below its LOD cannot be told from the negatives
             # expected above the cut ("not detected"): none at all is as
             # consistent with the data, and its interval starts at zero
             # (an interval excluding zero would claim the detection the
-            # LOD denies).
+            # LOD denies). A CAR cut without a reference (the sample's own
+            # negative mode) has negatives above it too, only no model of
+            # how many: its few events are no detection either.
             counts[name] = replace(counts[name], ci95=(0.0, counts[name].ci95[1]))
         if counts[name].below_lloq and name in ("b_cells", "car_t"):
             detected = "not detected, " if count.events < lod else ""
