@@ -189,7 +189,7 @@ def main(argv=None):
             peer = statistics.median(measure(peer_cmd)[0] for _ in range(repeats))
         rows.append((n_events, n_channels, path.stat().st_size / 1e6, data_mb, peak / 1e6, peak / 1e6 / data_mb,
                      wall, repeats, code == 0, peer, checksum, events))
-    print(f"\ncytometry analyze FILE --json (peak RSS of the process, os.wait4); peer: flowkit.Sample(FILE) alone\n")
+    print("\ncytometry analyze FILE --json (peak RSS of the process, os.wait4); peer: flowkit.Sample(FILE) alone\n")
     print(f"{'events':>11} {'ch':>3} {'file MB':>8} {'data MB':>8} {'peak MB':>8} {'ratio':>6} {'wall s':>7} "
           f"{'runs':>4} {'<' + format(args.limit_gb, 'g') + ' GB AS':>8} {'peer MB':>8} {'peer ratio':>10}  counts")
     for (n, c, file_mb, data_mb, peak, ratio, wall, repeats, fits, peer, checksum, _) in rows:

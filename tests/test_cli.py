@@ -5,11 +5,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from cytometry.outputs.cli import main
-from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
+from cytometry.simulation.simulate import simulate_tube, write_tube
 
 
 def run_cli(capsys, *args):

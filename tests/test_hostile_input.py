@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cytometry.analysis import AnalysisOptions, analyze_file
-from cytometry.loading.fcs import FcsError, FcsSample, check_header, read_fcs
+from cytometry.loading.fcs import FcsError, FcsSample, read_fcs
 from cytometry.simulation.simulate import simulate_tube, write_tube
 
 

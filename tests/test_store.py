@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from cytometry.analysis import AnalysisOptions, gate_file
+from cytometry.analysis import AnalysisOptions
 from cytometry.batch.run import run_batch
 from cytometry.loading.manifest import read_manifest
 from cytometry.batch.store import ResultStore, params_hash
