@@ -43,6 +43,15 @@ def _fmt_error(value):
     return _fmt(value, "{:6.1%}")
 
 
+def _interval(bounds):
+    """A percentage interval as ``lo-hi%``; ``?`` for a bound too few tubes cannot give."""
+    low, high = bounds if bounds else (None, None)
+    if low is None and high is None:
+        return "-"
+    text = lambda v: "?" if v is None else f"{100 * v:.0f}"
+    return f"{text(low)}-{text(high)}%"
+
+
 def print_condition_table(records, out=sys.stdout):
     """The per-condition accuracy table (see ``summarize_by_condition``)."""
     table = summarize_by_condition(records)
@@ -80,13 +89,14 @@ def print_car_table(records, out=sys.stdout):
     print("\nCAR+ T cells against the pre-infusion reference (per condition; car_ref_gain_*: reference at 0.5-2x "
           "the follow-up's gain)", file=out)
     header = (f"{'condition':26s} {'n':>4s} {'CI cover':>8s} | {'n>=100':>6s} {'med err':>7s} {'p95 err':>7s} "
-              f"{'p95 pg':>6s} | {'med own':>7s} {'p95 own':>7s} | {'n <1/uL':>7s} {'>=LLOQ':>6s}")
+              f"{'p95 95% CI':>10s} {'p95 pg':>6s} | {'med own':>7s} {'p95 own':>7s} | {'n <1/uL':>7s} {'>=LLOQ':>6s}")
     print(header, file=out)
     print("-" * len(header), file=out)
     for name, row in table.items():
         print(f"{name:26s} {row['n']:4d} {row['coverage']:8.1%} | {row['n_error']:6d} "
               f"{_fmt(row['median_rel_error'], '{:7.1%}')} {_fmt(row['p95_rel_error'], '{:7.1%}')} "
-              f"{_fmt(row['p95_perfect_rel_error'], '{:6.1%}')} | {_fmt(row['median_rel_error_to_perfect'], '{:7.1%}')} "
+              f"{_interval(row['p95_rel_error_interval']):>10s} {_fmt(row['p95_perfect_rel_error'], '{:6.1%}')} | "
+              f"{_fmt(row['median_rel_error_to_perfect'], '{:7.1%}')} "
               f"{_fmt(row['p95_rel_error_to_perfect'], '{:7.1%}')} | "
               f"{row['n_absent']:7d} {row['false_persistence']:6d}", file=out)
     for name, row in table.items():
@@ -101,7 +111,8 @@ def print_car_table(records, out=sys.stdout):
                   f"{_fmt(row['shape_log_sd_se'], '{:.2f}')}; r(error against the perfect gate, fitted log-SD) "
                   f"= {row['shape_error_correlation']:+.2f}", file=out)
     print("CI cover: share of 95% intervals holding the true CAR+ cells/uL; med/p95 err over tubes with >= 100 true "
-          "CAR+ events; p95 pg: the same for a perfect gate (singlet CAR+ events over singlet beads: the blood draw's "
+          "CAR+ events; p95 95% CI: a distribution-free interval for that p95 (order statistics; '?': too few tubes "
+          "to bound it); p95 pg: the p95 err of a perfect gate (singlet CAR+ events over singlet beads: the blood draw's "
           "counting noise, a floor); med/p95 own: the count against that perfect gate (the analysis' own error); "
           "n <1/uL: tubes whose true CAR+ is below 1 cell/uL, >=LLOQ: of those, reported at or above the tube's "
           "LLOQ (a false persistence; target 0).", file=out)

@@ -302,3 +302,32 @@ def test_summarize_car_relates_the_error_to_the_fitted_shape():
         "true_events": 400, "true_cells_per_ul": 100.0, "cells_per_ul": 90.0, "inside": True,
         "below_lloq": False, "relative_error": 0.1}})])["all"]
     assert bare["n_shape"] == 0 and bare["shape_error_correlation"] is None and bare["shape_log_sd"] is None
+
+
+def test_the_p95_interval_holds_the_true_95th_percentile_and_says_when_it_cannot_be_bounded():
+    """Order statistics of the tubes' errors: >= 95 % coverage; too few tubes give no upper bound."""
+    from scipy.stats import norm
+
+    from cytometry.simulation.validation import quantile_interval
+
+    rng = np.random.default_rng(11)
+    true_p95 = norm.ppf(0.95)
+    for n in (134, 300, 800):
+        held = []
+        for _ in range(800):
+            low, high = quantile_interval(rng.standard_normal(n))
+            held.append(low <= true_p95 <= high)
+        # the binomial's discreteness makes it conservative, never below 95 % beyond simulation noise
+        assert np.mean(held) >= 0.95 - 2 * np.sqrt(0.95 * 0.05 / 800), (n, np.mean(held))
+    # 0.95^60 > 2.5 %: even 60 tubes cannot bound a p95 from above (all 60 may lie below it)
+    assert quantile_interval(rng.standard_normal(60))[1] is None
+    low, high = quantile_interval(np.arange(34.0))
+    assert high is None and low is not None and low < np.percentile(np.arange(34.0), 95)
+    # summarize_car carries it for the p95 it reports
+    def record(measured):
+        return TubeRecord("a.fcs", "car_x", "ok", panel="car", populations={"car_t": {
+            "true_events": 400, "true_cells_per_ul": 100.0, "cells_per_ul": measured, "inside": True,
+            "below_lloq": False, "relative_error": abs(measured - 100.0) / 100.0}})
+    table = summarize_car([record(100.0 + k) for k in range(200)])["all"]
+    low, high = table["p95_rel_error_interval"]
+    assert low <= table["p95_rel_error"] <= high and (low, high) == quantile_interval([k / 100.0 for k in range(200)])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binom
 
 from cytometry.analysis import (DEFAULT_MIN_BEAD_EVENTS, AnalysisOptions, analyze_gated, car_reference_of, gate_file,
                                 with_car_reference)
@@ -615,6 +616,40 @@ def wrong_verdict(record):
     return record.verdict == ("not_eligible" if record.eligibility_truth else "eligible")
 
 
+def quantile_interval(values, quantile=0.95, confidence=0.95):
+    """A distribution-free confidence interval for a quantile: two order statistics of ``values``.
+
+    The number of values below the true ``quantile`` is Binomial(n,
+    ``quantile``); the interval runs from the ``l``-th to the ``u``-th
+    smallest value, ``l`` and ``u`` the binomial's ``(1 − confidence)/2``
+    tails. With too few values a bound does not exist and is ``None``: 34
+    tubes cannot bound a 95th percentile from above (the next tube may be
+    the worst), which a single p95 figure hides.
+
+    Examples
+    --------
+    >>> quantile_interval(np.arange(1.0, 201.0))     # the 95th percentile of 200 values: ranks 184-197
+    (184.0, 197.0)
+    >>> quantile_interval(np.arange(1.0, 35.0))[1] is None
+    True
+    """
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    n = ordered.size
+    if n == 0:
+        return None, None
+    tail = (1.0 - confidence) / 2.0
+    # ranks (1-based): P(B < l) <= tail and P(B >= u) <= tail, B ~ Binomial(n, quantile)
+    low_rank = int(binom.ppf(tail, n, quantile))
+    while low_rank > 0 and binom.cdf(low_rank - 1, n, quantile) > tail:
+        low_rank -= 1
+    high_rank = int(binom.isf(tail, n, quantile)) + 1
+    while high_rank - 1 > 0 and binom.sf(high_rank - 2, n, quantile) <= tail:
+        high_rank -= 1
+    low = float(ordered[low_rank - 1]) if low_rank >= 1 else None
+    high = float(ordered[high_rank - 1]) if high_rank <= n else None
+    return low, high
+
+
 def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, low_level_events=13):
     """CAR+ accuracy of the tubes counted against a pre-infusion reference, per condition and overall.
 
@@ -636,7 +671,9 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, lo
     dict
         condition (and ``"all"``) -> ``n``, ``coverage`` (95 % intervals
         holding the truth), ``median_rel_error`` and ``p95_rel_error`` (over
-        ``n_error`` tubes with enough events), ``p95_perfect_rel_error`` (the
+        ``n_error`` tubes with enough events), ``p95_rel_error_interval`` (a
+        95 % interval for that p95, :func:`quantile_interval`: ``None`` for
+        a bound too few tubes cannot give), ``p95_perfect_rel_error`` (the
         same for a perfect gate: the blood draw's counting noise, a floor no
         analysis goes below), ``median_rel_error_to_perfect`` and
         ``p95_rel_error_to_perfect`` (the count against the perfect gate: the
@@ -692,6 +729,7 @@ def summarize_car(records, min_events_for_error=100, absent_below_per_ul=1.0, lo
                       "n_error": len(errors),
                       "median_rel_error": float(np.median(errors)) if errors else None,
                       "p95_rel_error": float(np.percentile(errors, 95)) if errors else None,
+                      "p95_rel_error_interval": quantile_interval(errors),
                       "p95_perfect_rel_error": float(np.percentile(floor, 95)) if floor else None,
                       "median_rel_error_to_perfect": float(np.median(own)) if own else None,
                       "p95_rel_error_to_perfect": float(np.percentile(own, 95)) if own else None,
