@@ -188,7 +188,8 @@ def _limits(gating, population, options):
 
     A CAR+ count is net of the negatives expected above its cut (estimated
     from the reference's tail of ``k`` events): its background variance is
-    ``E + E²/k`` (:func:`cytometry.counts.detection_limits`).
+    ``E + E²/k`` (:func:`cytometry.counts.detection_limits`). A CAR+ count
+    without a reference has no estimate of ``E``: its LOD is its LLOQ.
     """
 
     gate = next((g for g in gating.gates if g.name == population), None)
@@ -199,7 +200,15 @@ def _limits(gating, population, options):
         background = float(gate.extra.get("limit_expected_negatives", gate.extra["expected_negatives_above_cut"]))
         tail = float(gate.extra.get("limit_reference_tail_events", gate.extra.get("reference_tail_events")) or 0.0)
         variance = background + (background ** 2 / tail if tail > 0 else 0.0)
-    return detection_limits(background, variance, lod_events=options.lod_events, lloq_events=options.lloq_events)
+    lod, lloq = detection_limits(background, variance, lod_events=options.lod_events, lloq_events=options.lloq_events)
+    if population == "car_t" and (gate is None or gate.extra.get("expected_negatives_above_cut") is None):
+        # A CAR cut without a reference (the sample's own negative mode):
+        # how many negatives its tail puts above the cut is not estimated
+        # (real negatives are skewed; a mirrored or Gaussian tail under-
+        # states it), so the LOD's "none expected" does not hold. Nothing
+        # short of a quantifiable count is called detected.
+        lod = lloq
+    return lod, lloq
 
 
 def _per_ul(count_for, events):
