@@ -638,13 +638,11 @@ def quantile_interval(values, quantile=0.95, confidence=0.95):
     if n == 0:
         return None, None
     tail = (1.0 - confidence) / 2.0
-    # ranks (1-based): P(B < l) <= tail and P(B >= u) <= tail, B ~ Binomial(n, quantile)
-    low_rank = int(binom.ppf(tail, n, quantile))
-    while low_rank > 0 and binom.cdf(low_rank - 1, n, quantile) > tail:
-        low_rank -= 1
-    high_rank = int(binom.isf(tail, n, quantile)) + 1
-    while high_rank - 1 > 0 and binom.sf(high_rank - 2, n, quantile) <= tail:
-        high_rank -= 1
+    # 1-based ranks, B ~ Binomial(n, quantile) the values below it: the
+    # largest l with P(B < l) <= tail, the smallest u with P(B >= u) <= tail
+    below = np.arange(n + 1)
+    low_rank = int(np.sum(binom.cdf(below, n, quantile) <= tail))
+    high_rank = n + 2 - int(np.sum(binom.sf(below, n, quantile) <= tail))
     low = float(ordered[low_rank - 1]) if low_rank >= 1 else None
     high = float(ordered[high_rank - 1]) if high_rank <= n else None
     return low, high
