@@ -952,7 +952,8 @@ def _count(gated, row, options, result, screening):
         }
         if options.gating.car_reference is None and _after_infusion(result):
             # Measured: without the pre-infusion tube the CAR+ interval holds
-            # the truth in ~80% of simulated tubes, not ~95% (README, Accuracy).
+            # the truth in ~78% of simulated tubes, not ~95%, and in under half
+            # of those with spillover spreading (README, CAR threshold).
             why = options.gating.car_reference_source or "no pre-infusion CAR tube linked in the manifest"
             flags.append(Flag("car_t", "no_car_reference", "warning",
                               f"{why}; CAR+ cut from this sample's own negative mode (less accurate)"))

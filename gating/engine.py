@@ -652,6 +652,7 @@ def car_positive_step(context, step):
     elif inside.sum() >= 20:
         cut, info = balanced_positive_threshold(values[inside], params, reference=None)
         info["reference"] = "negative mode of the same sample"
+        _widen_for_cut_choice(context, step.population, values[inside], cut, info)
         if reference is not None:
             info["reference"] += f" (the reference has {len(reference)} T cells, fewer than 200)"
     else:
@@ -660,6 +661,41 @@ def car_positive_step(context, step):
         cut, info = float("inf"), {"method": "no threshold"}
     context.add(Gate(step.population, parent, "rectangle", [Dimension(marker, "logicle", cut, None)],
                      method=info.pop("method"), extra=info))
+
+
+def _widen_for_cut_choice(context, population, values, cut, info):
+    """Without a reference, carry the choice of the CAR cut into the count's uncertainty.
+
+    Nothing in the tube says how many of its negatives lie above a cut in
+    their own tail, nor how many positives below it: where CAR+ cells form
+    a continuum with the negatives (spillover spreading), the count moves
+    with the cut. The negatives' tail cut of every other marker
+    (:func:`positive_cut`: ``tail_false_positives`` negatives expected above
+    it) is the other defensible cut; half the difference of the two counts
+    is one more SD of the count (``info["count_sd"]``), so that its 95 %
+    interval reaches about as far as the other count, and a difference
+    beyond counting noise is flagged.
+    """
+    params = context.params
+    negative_center = info.get("negative_center")
+    floor = negative_center if negative_center is not None and np.isfinite(negative_center) else -np.inf
+    tail_cut, tail_info = positive_cut(values, z=params.valley_z, false_positives=params.tail_false_positives,
+                                       bins=params.bins, accept=lambda c: c > floor)
+    if tail_cut is None or not np.isfinite(cut):
+        return
+    events = int((values >= cut).sum())
+    other = int((values >= tail_cut).sum())
+    difference = abs(events - other)
+    own_sd = float(np.sqrt(2.0 * float(info.get("expected_misclassified", 0.0) or 0.0)))
+    info["count_sd"] = round(float(np.sqrt(own_sd ** 2 + (difference / 2.0) ** 2)), 3)
+    info["alternative_cut"] = {"method": f"{tail_info['method']} (tail_false_positives "
+                                         f"{params.tail_false_positives:g} negatives expected above)",
+                               "cut": round(float(tail_cut), 6), "events": other}
+    if difference > 1.96 * np.sqrt(max(events, 1)):
+        context.flag(population, "car_cut_uncertain", "warning",
+                     f"without a reference the CAR+ count depends on the cut: {events} events above this "
+                     f"sample's negative-mode cut, {other} above its negatives' tail cut; interval widened to "
+                     f"cover both")
 
 
 @step_method("beads", side=("bead_bright", "not_beads"))

@@ -309,3 +309,35 @@ def test_a_car_count_without_a_reference_below_its_lloq_is_not_a_detection(tmp_p
             few.append(count["events"])
     # not only empty tubes: counts at or above the zero-background LOD (3 events) are among them
     assert few, "no tube had a count between the zero-background LOD and the LLOQ"
+
+
+def test_without_a_reference_the_cut_choice_widens_the_car_interval(tmp_path):
+    """Spillover spreading makes CAR+ cells a continuum with the negatives: without a reference the count moves
+    with the cut, so the negatives' tail cut is counted too, the interval reaches it and the gate says so; with
+    no CAR+ cells the two cuts agree and nothing is flagged."""
+    from cytometry.analysis import AnalysisOptions, analyze_gated, gate_file
+    from cytometry.simulation.simulate import default_concentrations, simulate_tube, write_tube
+
+    flagged = 0
+    for seed, car_t in enumerate((0.0, 0.0, 40.0, 150.0, 40.0, 150.0)):
+        tube = simulate_tube("car", seed=seed, photon_noise=True, blood_volume_ul=6.0,
+                             concentrations=default_concentrations("car", car_t=car_t, b_cells=0.0))
+        options = AnalysisOptions(beads_per_test=tube.truth["beads_per_test"],
+                                  sample_volume_ul=tube.truth["sample_volume_ul"])
+        gated = gate_file(write_tube(tube, tmp_path / f"s{seed}.fcs"), options)
+        result = analyze_gated(gated, None, options)
+        gate = next(g for g in gated.gating.gates if g.name == "car_t")
+        count = result["populations"]["car_t"]
+        codes = [f["code"] for f in result["flags"] if f["population"] == "car_t"]
+        if car_t == 0.0:
+            assert "car_cut_uncertain" not in codes and count["events"] <= 3, (count, codes)
+            continue
+        assert "car_cut_uncertain" in codes, codes
+        flagged += 1
+        other_events = gate.extra["alternative_cut"]["events"]
+        assert abs(other_events - count["events"]) > 1.96 * np.sqrt(count["events"])
+        per_event = count["cells_per_ul"] / count["events"]
+        # the interval reaches (about: 0.98 of the way) as far as the other cut's count
+        reach = other_events + 0.05 * abs(count["events"] - other_events)
+        assert count["ci95"][0] <= reach * per_event <= count["ci95"][1], (count, other_events)
+    assert flagged == 4
