@@ -688,9 +688,10 @@ def _widen_for_cut_choice(context, population, values, cut, info):
     difference = abs(events - other)
     own_sd = float(np.sqrt(2.0 * float(info.get("expected_misclassified", 0.0) or 0.0)))
     info["count_sd"] = round(float(np.sqrt(own_sd ** 2 + (difference / 2.0) ** 2)), 3)
-    info["alternative_cut"] = {"method": f"{tail_info['method']} (tail_false_positives "
-                                         f"{params.tail_false_positives:g} negatives expected above)",
-                               "cut": round(float(tail_cut), 6), "events": other}
+    method = tail_info["method"]
+    if method == "negative tail":
+        method += f" ({params.tail_false_positives:g} negatives expected above)"
+    info["alternative_cut"] = {"method": method, "cut": round(float(tail_cut), 6), "events": other}
     if difference > 1.96 * np.sqrt(max(events, 1)):
         context.flag(population, "car_cut_uncertain", "warning",
                      f"without a reference the CAR+ count depends on the cut: {events} events above this "
