@@ -677,8 +677,7 @@ def _widen_for_cut_choice(context, population, values, cut, info):
     beyond counting noise is flagged.
     """
     params = context.params
-    negative_center = info.get("negative_center")
-    floor = negative_center if negative_center is not None and np.isfinite(negative_center) else -np.inf
+    floor = info["negative_center"]   # a valley below the negatives separates no positives
     tail_cut, tail_info = positive_cut(values, z=params.valley_z, false_positives=params.tail_false_positives,
                                        bins=params.bins, accept=lambda c: c > floor)
     if tail_cut is None or not np.isfinite(cut):
