@@ -15,6 +15,7 @@ accuracy, lymphosum, false qc_fail and wrong verdicts.
     python benchmarks/accuracy.py --list-conditions
     python benchmarks/accuracy.py --without-reference   # CAR cut from the sample alone
     python benchmarks/accuracy.py --conditions car_reference --samples 200   # references at 0.5-2x gain
+    python benchmarks/accuracy.py --conditions car_ref_gain_spread --samples 400 --seed 2026,5,11   # pooled
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ def _interval(bounds):
     return f"{text(low)}-{text(high)}%"
 
 
-def print_condition_table(records, out=sys.stdout):
-    """The per-condition accuracy table (see ``summarize_by_condition``)."""
+def print_condition_table(records, out=None):
+    """The per-condition accuracy table (see ``summarize_by_condition``), to ``out`` (default: stdout now)."""
+    out = out or sys.stdout   # read at the call: a stream bound at import may be closed since
     table = summarize_by_condition(records)
     ideal = {c.name for c in IDEAL_CONDITIONS}
     header = (f"{'condition':26s} {'n':>3s} | {'B err':>6s} {'B CI':>5s} {'B F1':>5s} | "
@@ -81,8 +83,9 @@ def print_condition_table(records, out=sys.stdout):
     return table
 
 
-def print_car_table(records, out=sys.stdout):
-    """CAR+ T cells per condition (see ``summarize_car``): the issue-13 targets."""
+def print_car_table(records, out=None):
+    """CAR+ T cells per condition (see ``summarize_car``): the issue-13 targets, to ``out`` (default: stdout now)."""
+    out = out or sys.stdout
     table = summarize_car(records)
     if not table:
         return table
@@ -119,6 +122,17 @@ def print_car_table(records, out=sys.stdout):
     return table
 
 
+def _seeds(text):
+    """``"2026,5,11"`` -> ``[2026, 5, 11]`` (distinct, in order); an argparse type."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}: its tubes would be counted twice")
+    return seeds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=120,
@@ -126,7 +140,9 @@ def main(argv=None):
     parser.add_argument("--conditions", default=None,
                         help="comma-separated condition names or groups (ideal, realistic, all; default all)")
     parser.add_argument("--list-conditions", action="store_true", help="print the condition names and exit")
-    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--seed", type=_seeds, default=[2026],
+                        help="seed of the draws, or several comma-separated: each seed draws --samples tubes "
+                             "and the tables pool them (a p95 over ~100 tubes is too loose to settle a target)")
     parser.add_argument("--keep", help="write the simulated tubes here instead of a temporary folder")
     parser.add_argument("--without-reference", action="store_true",
                         help="CAR tubes without their pre-infusion tube: the CAR cut from the sample's own "
@@ -143,12 +159,18 @@ def main(argv=None):
         parser.error(str(exc))
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.keep) if args.keep else Path(scratch)
-        tubes = simulate_condition_set(out_dir, args.samples, args.seed,
-                                       with_pre_infusion=not args.without_reference, conditions=conditions)
-        records = [evaluate_tube(path, condition, truth) for path, condition, truth in tubes]
+        records = []
+        for seed in args.seed:
+            # one folder per seed: the draws of different seeds share file names
+            seed_dir = out_dir / f"seed{seed}" if len(args.seed) > 1 else out_dir
+            tubes = simulate_condition_set(seed_dir, args.samples, seed,
+                                           with_pre_infusion=not args.without_reference, conditions=conditions)
+            records += [evaluate_tube(path, condition, truth) for path, condition, truth in tubes]
     populations, confusion = summarize(records)
 
-    print(f"{len(records)} simulated tubes over {len(conditions)} conditions (seed {args.seed}"
+    seeds = ", ".join(str(seed) for seed in args.seed)
+    print(f"{len(records)} simulated tubes over {len(conditions)} conditions "
+          f"(seed{'s' if len(args.seed) > 1 else ''} {seeds}"
           f"{', CAR tubes without a pre-infusion reference' if args.without_reference else ''}); "
           f"{sum(r.status != 'ok' for r in records)} failed to analyse")
     header = f"{'population':13s} {'n':>4s} {'med err':>8s} {'p95 err':>8s} {'CI cover':>9s} {'med F1':>7s} " \

@@ -239,6 +239,25 @@ def test_accuracy_script_prints_the_condition_table(capsys):
     assert all(c.name in listed for c in CONDITIONS)
 
 
+def test_accuracy_script_pools_several_seeds(capsys, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    accuracy.main(["--samples", "1", "--conditions", "neutropenia", "--seed", "4,5", "--keep", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "2 simulated tubes over 1 conditions (seeds 4, 5)" in out
+    assert any(line.split()[:2] == ["neutropenia", "2"] for line in out.splitlines())
+    # each seed its own draw, kept apart (the file names are the same)
+    first, second = (sorted((tmp_path / f"seed{s}").glob("*.fcs")) for s in (4, 5))
+    assert [p.name for p in first] == [p.name for p in second]
+    assert first[0].read_bytes() != second[0].read_bytes()
+    with pytest.raises(SystemExit):
+        accuracy.main(["--seed", "4,4"])
+    assert "repeated" in capsys.readouterr().err
+
+
 def test_car_reference_conditions_acquire_the_reference_at_another_gain(tmp_path):
     tubes = simulate_condition_set(tmp_path, n_samples=len(CAR_REFERENCE_CONDITIONS), seed=5,
                                    conditions=CAR_REFERENCE_CONDITIONS)
