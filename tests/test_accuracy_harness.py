@@ -256,6 +256,9 @@ def test_accuracy_script_pools_several_seeds(capsys, tmp_path):
     with pytest.raises(SystemExit):
         accuracy.main(["--seed", "4,4"])
     assert "repeated" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--seed", "4,x"])
+    assert "integers separated by commas" in capsys.readouterr().err
 
 
 def test_car_reference_conditions_acquire_the_reference_at_another_gain(tmp_path):
